@@ -1,0 +1,158 @@
+"""TeleFLMConfig: the model's shape and numerics, named as in Hugging Face TeleFLM config.json files.
+
+Fields that exist in a released TeleFLM config.json keep its name, so `hf_fields()` is what goes into an export.
+The few runtime-only settings (compute/param dtype, remat policy) are grouped at the end and never exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import gin
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+# Which intermediate values a layer keeps for the backward pass (see model.py and plan.py).
+REMAT_POLICIES = ("none", "full", "dots")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TeleFLMConfig:
+    # --- architecture (HF TeleFLM config.json names) ---
+    vocab_size: int = 80384
+    hidden_size: int = 8192
+    intermediate_size: int = 21824
+    num_hidden_layers: int = 64
+    num_attention_heads: int = 64
+    num_key_value_heads: int | None = None  # None: plain multi-head attention (kv heads = heads)
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    # --- μP multipliers in the forward pass ---
+    use_mup: bool = True
+    input_mult: float = 1.0
+    output_mult: float = 1.0
+    mup_scale_factor: float = 1.0
+    # --- special tokens ---
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    # --- runtime settings (not exported) ---
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat_policy: str = "full"  # see REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        self._validate()
+
+    def _validate(self):
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"TeleFLMConfig.{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"TeleFLMConfig.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                f"{self.num_attention_heads}; head_dim = hidden_size / num_attention_heads must be an integer. "
+                f"Choose num_attention_heads among the divisors of {self.hidden_size} "
+                f"(Tele-FLM uses head_dim 128, i.e. num_attention_heads = hidden_size / 128).")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for "
+                              "RoPE; change hidden_size or num_attention_heads.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"TeleFLMConfig.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_key_value_heads={self.num_key_value_heads}; every kv head must serve a whole group of "
+                "query heads. Set num_key_value_heads to a divisor of num_attention_heads (or None for MHA).")
+        if self.tie_word_embeddings:
+            raise ConfigError("TeleFLMConfig.tie_word_embeddings=True is not supported: Tele-FLM unties the "
+                              "input embedding and the LM head. Set tie_word_embeddings=False.")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"TeleFLMConfig.{name}={getattr(self, name)!r} is not one of {DTYPES}.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ConfigError(f"TeleFLMConfig.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}.")
+        for name in ("rms_norm_eps", "rope_theta", "mup_scale_factor"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"TeleFLMConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+
+    # --- derived values ---
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def logits_scale(self) -> float:
+        """Multiplier on the LM head output: output_mult / mup_scale_factor under μP, else 1."""
+        return self.output_mult / self.mup_scale_factor if self.use_mup else 1.0
+
+    @property
+    def embedding_scale(self) -> float:
+        return self.input_mult if self.use_mup else 1.0
+
+    def replace(self, **changes: Any) -> "TeleFLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    # --- parameter counts ---
+    def params_per_layer(self) -> int:
+        h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attention = h * h * 2 + h * kv * 2  # q, o and k, v
+        mlp = 3 * h * self.intermediate_size
+        return attention + mlp + 2 * h  # two RMSNorm gains
+
+    def params_embedding(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    def params_total(self) -> int:
+        head = self.vocab_size * self.hidden_size
+        return self.params_embedding() + self.num_hidden_layers * self.params_per_layer() + self.hidden_size + head
+
+    def params_non_embedding(self) -> int:
+        return self.params_total() - self.params_embedding()
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6·N + 12·L·H·Q·T.
+
+        N counts every matmul parameter (the embedding lookup is not a matmul); the second term is the attention
+        score and value products at sequence length T (defaults to max_position_embeddings).
+        """
+        seq_len = seq_len or self.max_position_embeddings
+        matmul_params = self.params_non_embedding() - (2 * self.num_hidden_layers + 1) * self.hidden_size
+        attention = 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
+        return 6.0 * matmul_params + attention
+
+    # --- (de)serialisation ---
+    def hf_fields(self) -> dict[str, Any]:
+        """The architecture fields, under their Hugging Face names (no runtime settings)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TeleFLMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown TeleFLMConfig fields {unknown}; known fields are {sorted(known)}.")
+        return cls(**values)
+
+
+def human_count(n: float) -> str:
+    """12_345_678_901 -> '12.35B'."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n)) if float(n).is_integer() else f"{n:.3g}"
