@@ -19,7 +19,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import gin
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from flm_jax.config import ConfigError
@@ -32,6 +31,9 @@ ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_kv_
 BATCH_AXES = ("act_batch", "act_length")
 
 Rules = tuple[tuple[str, Any], ...]
+# The config field that sets the size of each sharded parameter axis (named in divisibility errors).
+AXIS_FIELDS = {"vocab": "vocab_size", "embed": "hidden_size", "mlp": "intermediate_size",
+               "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "layers": "num_hidden_layers"}
 
 
 @gin.configurable
@@ -45,7 +47,7 @@ class MeshLayout:
     """
 
     name: str = "single"
-    mesh_shape: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1})
+    mesh_shape: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": 1})
     rules: Rules = ()
     device_memory_gib: float | None = None
     num_devices: int | None = None
@@ -101,7 +103,8 @@ def make_mesh(layout: MeshLayout, devices: Sequence[jax.Device] | None = None) -
     """A concrete mesh (implicit 'Auto' axes, as linen's logical constraints need) over the given devices."""
     devices = list(jax.devices() if devices is None else devices)
     shape = layout.resolved_shape(len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    # jax.make_mesh orders devices by physical topology (TPU ICI rings, GPUs of one host on the inner axis).
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def make_abstract_mesh(layout: MeshLayout, num_devices: int | None = None) -> jax.sharding.AbstractMesh:
@@ -145,9 +148,9 @@ def check_divisible(abstract_tree, shardings, logical_specs_tree) -> None:
                 logical_name = logical[dim] if dim < len(logical) else None
                 raise ConfigError(
                     f"Parameter {name} dimension {dim} (logical axis {logical_name!r}, size {size}) is not "
-                    f"divisible by mesh axes {axes} of total size {split}. Choose a model size whose "
-                    f"{logical_name} dimension is a multiple of {split}, or a mesh layout with smaller "
-                    f"{'/'.join(axes)} axes.")
+                    f"divisible by mesh axes {axes} of total size {split}. Make TeleFLMConfig."
+                    f"{AXIS_FIELDS.get(logical_name, logical_name)} a multiple of {split}, or use a mesh layout "
+                    f"with a smaller {'/'.join(axes)} axis (MeshLayout.mesh_shape).")
 
 
 def batch_sharding(mesh, layout: MeshLayout) -> NamedSharding:

@@ -1,0 +1,1 @@
+"""flm_jax.data (API filled in below)."""

@@ -1,0 +1,20 @@
+"""The language-modelling objective on a packed batch (the unit the train and eval steps differentiate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from flm_jax.config import TeleFLMConfig
+from flm_jax.losses import cross_entropy
+from flm_jax.model import TeleFLM
+
+# A batch is a dict of [batch, length] arrays with these keys (see flm_jax/data for how they are packed).
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
+
+
+def lm_loss(params: Any, batch: dict[str, jax.Array], config: TeleFLMConfig,
+            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    logits_btv = TeleFLM(config).apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+    return cross_entropy(logits_btv, batch["targets"], batch["loss_weights"], z_loss)

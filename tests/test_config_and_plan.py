@@ -1,0 +1,90 @@
+"""TeleFLMConfig validation, the released sizes through `flm_jax.plan`, and every shipped gin file."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import gin
+import jax
+import pytest
+
+from flm_jax.cli import REPO_ROOT
+from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.params import boxed_abstract_params, count_params
+from flm_jax.partitioning import MeshLayout
+from flm_jax.plan import make_plan
+
+
+def run_plan(*args):
+    return subprocess.run([sys.executable, "-m", "flm_jax.plan", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("model, expected, tolerance", [("52b", 52.85e9, 0.005), ("1t", 1.084e12, 0.01)])
+def test_plan_json_matches_released_parameter_counts(model, expected, tolerance):
+    out = run_plan(f"--gin_file=gin/models/{model}.gin", "--json")
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert abs(plan["params_total"] - expected) / expected < tolerance, plan["params_total"]
+    assert plan["params_total"] == plan["params_formula"]  # eval_shape of the model agrees with the formula
+
+
+def test_plan_on_a_pod_mesh_splits_memory_and_says_whether_it_fits():
+    gin.parse_config_files_and_bindings([str(REPO_ROOT / "gin/models/1t.gin"),
+                                         str(REPO_ROOT / "gin/meshes/h100_1024.gin")], [])
+    plan = make_plan(TeleFLMConfig(), MeshLayout())
+    assert plan["num_devices"] == 1024 and plan["mesh"] == {"data": 1, "fsdp": 128, "tensor": 8}
+    # Every matrix is split 1024 ways; only norm gains (replicated) keep the per-device count above total/1024.
+    assert plan["params_total"] / 1024 < plan["params_per_device"] < plan["params_total"] / 1024 * 1.01
+    assert plan["bytes_per_device"]["optimizer"] == 8 * plan["params_per_device"]
+    assert plan["fits"] is True and plan["total_gib_per_device"] < 79
+    tight = make_plan(TeleFLMConfig(), MeshLayout(), batch_size=1024)  # 8 sequences per device, no microbatching
+    assert tight["bytes_per_device"]["saved_layers"] == 8 * plan["bytes_per_device"]["saved_layers"]
+    assert tight["fits"] is False
+
+
+def test_bad_config_fails_at_startup_naming_the_field():
+    with pytest.raises(ConfigError, match=r"hidden_size=100 is not divisible by num_attention_heads=3"):
+        TeleFLMConfig(hidden_size=100, num_attention_heads=3)
+    with pytest.raises(ConfigError, match=r"num_attention_heads=8 is not divisible by num_key_value_heads=3"):
+        TeleFLMConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=3)
+    with pytest.raises(ConfigError, match=r"remat_policy='sometimes'"):
+        TeleFLMConfig(remat_policy="sometimes")
+    out = run_plan("--gin_file=gin/models/52b.gin", "--gin.TeleFLMConfig.num_attention_heads=60")
+    assert out.returncode != 0
+    assert "hidden_size=8192 is not divisible by num_attention_heads=60" in out.stderr
+    out = run_plan("--gin_file=gin/models/52b.gin", "--gin_file=gin/meshes/h100_1024.gin",
+                   "--gin.TeleFLMConfig.num_attention_heads=4", "--gin.TeleFLMConfig.num_key_value_heads=4")  # 4 heads, 8-way split
+    assert out.returncode != 0
+    assert re.search(r"logical axis '(kv_)?heads', size 4\).*TeleFLMConfig\.num_\w+_heads a multiple of 8", out.stderr)
+
+
+def test_counts_and_flops():
+    cfg = TeleFLMConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    assert count_params(boxed_abstract_params(cfg)) == cfg.params_total()
+    matmul = cfg.params_total() - 100 * 64 - (2 * 3 + 1) * 64
+    assert cfg.flops_per_token(32) == 6 * matmul + 12 * 3 * 4 * 16 * 32
+
+
+GIN_FILES = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin").rglob("*.gin"))
+
+
+@pytest.mark.parametrize("path", GIN_FILES)
+def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
+    folder = Path(path).parts[1]
+    if folder == "models":
+        gin.parse_config_file(str(REPO_ROOT / path))
+        abstract = boxed_abstract_params(TeleFLMConfig())  # jax.eval_shape: no memory
+        assert count_params(abstract) == TeleFLMConfig().params_total()
+    elif folder == "meshes":
+        gin.parse_config_files_and_bindings([str(REPO_ROOT / "gin/models/52b.gin"), str(REPO_ROOT / path)], [])
+        layout = MeshLayout()
+        devices = layout.num_devices or (8 if -1 in layout.mesh_shape.values() else None)
+        plan = make_plan(TeleFLMConfig(), layout, devices)
+        assert plan["params_per_device"] * plan["num_devices"] >= plan["params_total"]
+    else:
+        pytest.fail(f"no abstract build check for gin/{folder}/: add one to this test")
+    jax.clear_caches()
