@@ -20,6 +20,7 @@ import gin
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIN_PREFIX = "gin."
+gin.add_config_file_search_path(str(REPO_ROOT))  # `include 'gin/models/x.gin'` works from any directory
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -100,8 +100,15 @@ def _as_mesh_axes(value) -> tuple[str, ...] | None:
 
 
 def make_mesh(layout: MeshLayout, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A concrete mesh (implicit 'Auto' axes, as linen's logical constraints need) over the given devices."""
-    devices = list(jax.devices() if devices is None else devices)
+    """A concrete mesh (implicit 'Auto' axes, as linen's logical constraints need) over the given devices.
+
+    With no devices given, a fully specified mesh smaller than the host uses the first devices it needs.
+    """
+    if devices is None:
+        devices = jax.devices()
+        needed = math.prod(layout.mesh_shape.values())
+        if 0 < needed < len(devices) and jax.process_count() == 1:  # e.g. 'single' on a multi-device host
+            devices = devices[:needed]
     shape = layout.resolved_shape(len(devices))
     # jax.make_mesh orders devices by physical topology (TPU ICI rings, GPUs of one host on the inner axis).
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)

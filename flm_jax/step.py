@@ -14,7 +14,8 @@ from flm_jax.model import TeleFLM
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
 
 
-def lm_loss(params: Any, batch: dict[str, jax.Array], config: TeleFLMConfig,
-            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+def lm_loss(params: Any, batch: dict[str, jax.Array], config: TeleFLMConfig, z_loss: float = 0.0,
+            normaliser: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss (token mean unless a normaliser is given) and the summed NLL / token count."""
     logits_btv = TeleFLM(config).apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
-    return cross_entropy(logits_btv, batch["targets"], batch["loss_weights"], z_loss)
+    return cross_entropy(logits_btv, batch["targets"], batch["loss_weights"], z_loss, normaliser)

@@ -7,8 +7,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 try:
-  tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "GPU")
 except RuntimeError:  # TF's devices were already initialised by someone else; nothing more we can do.
-  pass
+    pass
 
 __all__ = ["tf"]

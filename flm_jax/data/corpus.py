@@ -26,60 +26,60 @@ VALIDATION_PERCENT = 4  # ~4% of the documents of each domain
 
 
 class Document(NamedTuple):
-  id: str
-  split: str
-  text: str
+    id: str
+    split: str
+    text: str
 
 
 def snapshot_path(domain: str) -> str:
-  """Path of the committed snapshot file of `domain`."""
-  if domain not in DOMAINS:
-    raise ValueError(f"unknown corpus domain {domain!r}; expected one of {DOMAINS}")
-  return os.path.join(ASSETS_DIR, f"{domain}.jsonl.gz")
+    """Path of the committed snapshot file of `domain`."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown corpus domain {domain!r}; expected one of {DOMAINS}")
+    return os.path.join(ASSETS_DIR, f"{domain}.jsonl.gz")
 
 
 def document_split(domain: str, doc_id: str) -> str:
-  """'validation' for ~VALIDATION_PERCENT% of documents, chosen by a hash of (domain, id); else 'train'."""
-  digest = hashlib.sha256(f"{domain}/{doc_id}".encode("utf-8")).digest()
-  return "validation" if int.from_bytes(digest[:8], "big") % 100 < VALIDATION_PERCENT else "train"
+    """'validation' for ~VALIDATION_PERCENT% of documents, chosen by a hash of (domain, id); else 'train'."""
+    digest = hashlib.sha256(f"{domain}/{doc_id}".encode("utf-8")).digest()
+    return "validation" if int.from_bytes(digest[:8], "big") % 100 < VALIDATION_PERCENT else "train"
 
 
 def encode_snapshot(docs: list[Document]) -> bytes:
-  """The uncompressed snapshot bytes: one sorted-key JSON object per line, in document order."""
-  lines = (json.dumps(d._asdict(), ensure_ascii=False, sort_keys=True) for d in docs)
-  return "".join(line + "\n" for line in lines).encode("utf-8")
+    """The uncompressed snapshot bytes: one sorted-key JSON object per line, in document order."""
+    lines = (json.dumps(d._asdict(), ensure_ascii=False, sort_keys=True) for d in docs)
+    return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
 def write_snapshot(path: str, docs: list[Document]) -> str:
-  """Writes a reproducible gzip file (no name, mtime 0); returns the sha256 of the uncompressed bytes."""
-  raw = encode_snapshot(docs)
-  with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as gz:
-    gz.write(raw)
-  return hashlib.sha256(raw).hexdigest()
+    """Writes a reproducible gzip file (no name, mtime 0); returns the sha256 of the uncompressed bytes."""
+    raw = encode_snapshot(docs)
+    with open(path, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0, compresslevel=9) as gz:
+        gz.write(raw)
+    return hashlib.sha256(raw).hexdigest()
 
 
 def read_snapshot_bytes(path: str) -> bytes:
-  with gzip.open(path, "rb") as f:
-    return f.read()
+    with gzip.open(path, "rb") as f:
+        return f.read()
 
 
 @functools.lru_cache(maxsize=None)
 def _load(domain: str) -> tuple[Document, ...]:
-  raw = read_snapshot_bytes(snapshot_path(domain))
-  return tuple(Document(**json.loads(line)) for line in io.StringIO(raw.decode("utf-8")))
+    raw = read_snapshot_bytes(snapshot_path(domain))
+    return tuple(Document(**json.loads(line)) for line in io.StringIO(raw.decode("utf-8")))
 
 
 def load_documents(domain: str, split: str | None = None) -> list[Document]:
-  """The documents of `domain` in snapshot order, optionally only those of `split`."""
-  if split is not None and split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-  return [d for d in _load(domain) if split is None or d.split == split]
+    """The documents of `domain` in snapshot order, optionally only those of `split`."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return [d for d in _load(domain) if split is None or d.split == split]
 
 
 def load_texts(domain: str, split: str) -> list[str]:
-  return [d.text for d in load_documents(domain, split)]
+    return [d.text for d in load_documents(domain, split)]
 
 
 def load_manifest() -> dict:
-  with open(MANIFEST_PATH) as f:
-    return json.load(f)
+    with open(MANIFEST_PATH) as f:
+        return json.load(f)

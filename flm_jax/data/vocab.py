@@ -25,8 +25,14 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # Tele-FLM's special ids
 TRAINER_OPTIONS = dict(
     model_type="bpe",
     vocab_size=VOCAB_SIZE,
-    pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-    pad_piece="<pad>", bos_piece="<s>", eos_piece="</s>", unk_piece="<unk>",
+    pad_id=PAD_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+    pad_piece="<pad>",
+    bos_piece="<s>",
+    eos_piece="</s>",
+    unk_piece="<unk>",
     byte_fallback=True,
     character_coverage=0.9999,
     normalization_rule_name="identity",
@@ -44,18 +50,18 @@ TRAINER_OPTIONS = dict(
 
 
 def train_tokenizer(sentences: Iterable[str]) -> bytes:
-  """Trains the tokenizer on `sentences` (whole documents); returns the serialized model."""
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **TRAINER_OPTIONS)
-  return model.getvalue()
+    """Trains the tokenizer on `sentences` (whole documents); returns the serialized model."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **TRAINER_OPTIONS)
+    return model.getvalue()
 
 
 def load_sentencepiece(path: str = TOKENIZER_PATH) -> spm.SentencePieceProcessor:
-  """The tokenizer as a plain SentencePieceProcessor (no TensorFlow involved)."""
-  return spm.SentencePieceProcessor(model_file=path)
+    """The tokenizer as a plain SentencePieceProcessor (no TensorFlow involved)."""
+    return spm.SentencePieceProcessor(model_file=path)
 
 
 @functools.lru_cache(maxsize=None)
 def get_vocabulary(path: str = TOKENIZER_PATH) -> seqio.SentencePieceVocabulary:
-  """The seqio vocabulary of the tokenizer at `path` (default: the committed one)."""
-  return seqio.SentencePieceVocabulary(path)
+    """The seqio vocabulary of the tokenizer at `path` (default: the committed one)."""
+    return seqio.SentencePieceVocabulary(path)

@@ -1,0 +1,206 @@
+"""Packed training batches with a checkpointable position, and validation batches for bits-per-byte.
+
+A batch is a dict of numpy arrays shaped [batch, seq_len]:
+  inputs       int32   per segment: BOS, then the targets shifted right by one
+  targets      int32   per segment: the document's tokens (or one chunk of them), the last chunk ending in EOS
+  segment_ids  int32   1, 2, ... for the documents packed into a row; 0 on padding
+  positions    int32   0, 1, ... restarting at every segment; 0 on padding
+  loss_weights float32 1 on real tokens, 0 on padding
+so a row reads  inputs [BOS t1 t2 t3 | BOS u1 | 0 ...] -> targets [t1 t2 t3 EOS | u1 EOS | 0 ...].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, NamedTuple
+
+import gin
+import numpy as np
+
+from flm_jax.data import tasks as tasks_lib
+from flm_jax.data._tf import tf
+from flm_jax.data.vocab import BOS_ID
+
+import seqio  # noqa: E402
+
+Batch = dict[str, np.ndarray]
+STATE_FORMAT = "flm_jax.data.BatchIterator/1"
+
+
+def _to_batch_format(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    segment_ids = ex["decoder_segment_ids"]
+    real = tf.cast(segment_ids > 0, tf.int32)
+    return {
+        # seqio writes bos_id at every segment start, including the first padding slot: zero that one.
+        "inputs": ex["decoder_input_tokens"] * real,
+        "targets": ex["decoder_target_tokens"],
+        "segment_ids": segment_ids,
+        "positions": ex["decoder_positions"],
+        "loss_weights": tf.cast(ex["decoder_loss_weights"], tf.float32),
+    }
+
+
+def packed_dataset(
+    name: str,
+    split: str,
+    seq_len: int,
+    *,
+    shuffle: bool,
+    num_epochs: int | None,
+    seed: int | None = None,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> tf.data.Dataset:
+    """Unbatched packed rows of task or mixture `name` (see the module doc for the features)."""
+    lengths = {"targets": seq_len}
+    shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
+    # try_in_mem_cache=False: seqio would otherwise cache a small source after its first (shuffled) epoch.
+    ds = seqio.get_mixture_or_task(name).get_dataset(
+        sequence_length=lengths,
+        split=split,
+        shuffle=shuffle,
+        seed=seed,
+        num_epochs=num_epochs,
+        shard_info=shard_info,
+        use_cached=False,
+        try_in_mem_cache=False,
+    )
+    ds = seqio.LMFeatureConverter(pack=True, bos_id=BOS_ID)(ds, lengths)
+    ds = ds.map(_to_batch_format, num_parallel_calls=tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """What identifies a stream of batches; with `batches_consumed` it is the iterator's whole state."""
+
+    name: str
+    split: str = "train"
+    batch_size: int = 8
+    seq_len: int = 512
+    seed: int = 0
+    shuffle: bool = True
+    repeat: bool = True
+    shard_index: int = 0
+    num_shards: int = 1
+
+
+class BatchIterator:
+    """Deterministic packed batches of a task or mixture; `state()` / `from_state()` resume at the next batch.
+
+    Resuming rebuilds the stream from its spec and skips the consumed batches inside tf.data (exact, and cheap
+    next to training: it costs the input pipeline's time for those batches, no numpy conversion).
+    On several hosts give each its shard_index / num_shards and its per-host batch_size.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str = "train",
+        batch_size: int = 8,
+        seq_len: int = 512,
+        seed: int = 0,
+        *,
+        shuffle: bool | None = None,
+        repeat: bool | None = None,
+        shard_index: int = 0,
+        num_shards: int = 1,
+        batches_consumed: int = 0,
+        prefetch: int = 2,
+    ):
+        train = split == "train"
+        self.spec = StreamSpec(
+            name,
+            split,
+            int(batch_size),
+            int(seq_len),
+            int(seed),
+            train if shuffle is None else bool(shuffle),
+            train if repeat is None else bool(repeat),
+            int(shard_index),
+            int(num_shards),
+        )
+        if self.spec.batch_size < 1 or self.spec.seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be positive, got {self.spec}")
+        self._consumed = int(batches_consumed)
+        ds = packed_dataset(
+            name,
+            split,
+            self.spec.seq_len,
+            shuffle=self.spec.shuffle,
+            num_epochs=None if self.spec.repeat else 1,
+            seed=self.spec.seed,
+            shard_index=self.spec.shard_index,
+            num_shards=self.spec.num_shards,
+        )
+        ds = ds.batch(self.spec.batch_size, drop_remainder=True).skip(self._consumed).prefetch(prefetch)
+        self._it = ds.as_numpy_iterator()
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._it)
+        self._consumed += 1
+        return batch
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._consumed
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-serialisable state; `BatchIterator.from_state(state)` continues with the next batch."""
+        return {"format": STATE_FORMAT, **dataclasses.asdict(self.spec), "batches_consumed": self._consumed}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], **kwargs) -> "BatchIterator":
+        state = dict(state)
+        if state.pop("format", None) != STATE_FORMAT:
+            raise ValueError(f"not a {STATE_FORMAT} state: {state}")
+        return cls(**state, **kwargs)
+
+
+@gin.configurable
+def make_batch_iterator(
+    name: str = tasks_lib.DEFAULT_MIXTURE,
+    split: str = "train",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    seed: int = 0,
+    **kwargs,
+) -> BatchIterator:
+    """gin-friendly constructor of a BatchIterator (see its arguments)."""
+    return BatchIterator(name, split, batch_size, seq_len, seed, **kwargs)
+
+
+class ValidationSet(NamedTuple):
+    batches: list[Batch]  # packed, unshuffled, every document exactly once; the last batch padded with 0 rows
+    num_bytes: int  # UTF-8 bytes of the documents' text
+    num_documents: int
+    num_tokens: int  # targets with loss weight 1 (the documents' tokens plus one EOS each)
+
+
+def validation_set(name: str, batch_size: int, seq_len: int, split: str = "validation") -> ValidationSet:
+    """Every document of task `name`'s `split` once, packed, for loss and bits-per-byte."""
+    if name not in seqio.TaskRegistry.names():
+        raise ValueError(f"validation_set needs a task, not {name!r} (evaluate a mixture's tasks one by one)")
+    ds = packed_dataset(name, split, seq_len, shuffle=False, num_epochs=1)
+    batches = []
+    for batch in ds.batch(batch_size, drop_remainder=False).as_numpy_iterator():
+        short = batch_size - len(batch["targets"])
+        if short:
+            batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+        batches.append(batch)
+    num_documents, num_bytes = tasks_lib.source_text_stats(name, split)
+    num_tokens = int(sum(b["loss_weights"].sum() for b in batches))
+    return ValidationSet(batches, num_bytes, num_documents, num_tokens)
+
+
+def bits_per_byte(total_nll_nats: float, total_bytes: int) -> float:
+    """Bits per UTF-8 byte from the summed token NLL (nats) over a text of `total_bytes` bytes."""
+    if total_bytes <= 0:
+        raise ValueError(f"total_bytes must be positive, got {total_bytes}")
+    return float(total_nll_nats) / (math.log(2) * total_bytes)

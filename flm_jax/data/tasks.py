@@ -1,0 +1,224 @@
+"""seqio Tasks and Mixtures: the default corpus ('flm_prose', 'flm_code', 'flm_default') and gin-configurable
+registration of your own (text files, JSONL files, TFDS datasets, mixtures with rates).
+
+Every task here has one output feature, 'targets', made by: text -> SentencePiece ids + EOS -> chunks of at
+most the sequence length (a long document becomes several examples; nothing is truncated away).
+Registration is idempotent: registering a name again replaces the earlier definition.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from typing import Callable, Mapping, Sequence, Union
+
+import gin
+
+from flm_jax.data import corpus
+from flm_jax.data._tf import tf
+from flm_jax.data.vocab import get_vocabulary
+
+import seqio  # noqa: E402  (after _tf)
+
+TEXT_KEY = "text"
+SHUFFLE_BUFFER_SIZE = 256  # examples (chunks); documents are also fully shuffled at the source
+DEFAULT_MIXTURE = "flm_default"
+DEFAULT_MIXTURE_RATES = {"flm_prose": 0.7, "flm_code": 0.3}
+FilePatterns = Union[str, Sequence[str]]
+
+_TEXT_KEYS: dict[str, str] = {}  # task name -> the source feature that holds the document text
+
+
+class _DropFunctionSourceAdvice(logging.Filter):
+    """seqio logs, on every shuffled read of a FunctionDataSource, advice to cache it; our sources shuffle whole
+    documents at the source with a seed, so the advice does not apply."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "uncached FunctionDataset" not in str(record.msg)
+
+
+logging.getLogger("absl").addFilter(_DropFunctionSourceAdvice())
+
+
+def output_features() -> dict[str, seqio.Feature]:
+    return {"targets": seqio.Feature(vocabulary=get_vocabulary(), add_eos=True, dtype=tf.int32, rank=1)}
+
+
+def split_into_chunks(dataset: tf.data.Dataset, sequence_length: Mapping[str, int] | None = None):
+    """Splits each example's 'targets' into consecutive chunks of at most sequence_length['targets'] ids."""
+    length = (sequence_length or {}).get("targets")
+    if not length:
+        return dataset
+
+    def chunk(ex):
+        starts = tf.range(0, tf.size(ex["targets"]), length)
+        return {"targets": tf.RaggedTensor.from_row_starts(ex["targets"], starts)}
+
+    return dataset.map(chunk, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def _preprocessors(text_key: str) -> list[Callable]:
+    return [
+        functools.partial(seqio.preprocessors.rekey, key_map={"targets": text_key}),
+        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False, with_eos=True),
+        split_into_chunks,
+    ]
+
+
+def _add_task(name: str, source: seqio.DataSource, text_key: str, shuffle_buffer_size: int) -> str:
+    if name in seqio.MixtureRegistry.names():
+        raise ValueError(f"{name!r} is already registered as a mixture")
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=source,
+        preprocessors=_preprocessors(text_key),
+        output_features=output_features(),
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+    _TEXT_KEYS[name] = text_key
+    return name
+
+
+def _shuffled(ds: tf.data.Dataset, n: int, shuffle: bool, seed: int | None) -> tf.data.Dataset:
+    # A full shuffle, redrawn each epoch; with a seed the whole sequence of epochs is reproducible.
+    return ds.shuffle(max(n, 1), seed=seed, reshuffle_each_iteration=True) if shuffle else ds
+
+
+def _corpus_dataset_fn(domain: str):
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        texts = corpus.load_texts(domain, split)
+        ds = tf.data.Dataset.from_tensor_slices({TEXT_KEY: tf.constant(texts, tf.string)})
+        return _shuffled(ds, len(texts), shuffle_files, seed)
+
+    return dataset_fn
+
+
+def _files_dataset_fn(split_to_filepattern: Mapping[str, FilePatterns], document_per: str, text_key: str):
+    """Reads sorted, globbed files: each whole file, each line, or each JSONL line's `text_key` is a document."""
+
+    def parse_json(line):
+        get = lambda s: json.loads(s.numpy().decode("utf-8"))[text_key]
+        return tf.ensure_shape(tf.py_function(get, [line], tf.string), [])
+
+    def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
+        patterns = split_to_filepattern[split]
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
+        if not files:
+            raise FileNotFoundError(f"no files match {patterns} (split {split!r})")
+        ds = _shuffled(tf.data.Dataset.from_tensor_slices(files), len(files), shuffle_files, seed)
+        if document_per == "file":
+            return ds.map(lambda f: {TEXT_KEY: tf.io.read_file(f)})
+        lines = ds.flat_map(tf.data.TextLineDataset).filter(lambda s: tf.strings.length(tf.strings.strip(s)) > 0)
+        if document_per == "line":
+            return lines.map(lambda s: {TEXT_KEY: s})
+        return lines.map(lambda s: {TEXT_KEY: parse_json(s)})
+
+    return dataset_fn
+
+
+@gin.configurable
+def register_text_task(
+    name: str,
+    split_to_filepattern: Mapping[str, FilePatterns],
+    document_per: str = "file",
+    shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
+) -> str:
+    """A task over plain text files; `document_per` is 'file' (a whole file is a document) or 'line'."""
+    if document_per not in ("file", "line"):
+        raise ValueError(f"document_per must be 'file' or 'line', got {document_per!r}")
+    source = seqio.FunctionDataSource(
+        _files_dataset_fn(split_to_filepattern, document_per, TEXT_KEY), splits=tuple(split_to_filepattern)
+    )
+    return _add_task(name, source, TEXT_KEY, shuffle_buffer_size)
+
+
+@gin.configurable
+def register_jsonl_task(
+    name: str,
+    split_to_filepattern: Mapping[str, FilePatterns],
+    text_key: str = "text",
+    shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
+) -> str:
+    """A task over JSON-lines files; each line is one document whose text is the field `text_key`."""
+    source = seqio.FunctionDataSource(
+        _files_dataset_fn(split_to_filepattern, "jsonl", text_key), splits=tuple(split_to_filepattern)
+    )
+    return _add_task(name, source, TEXT_KEY, shuffle_buffer_size)
+
+
+@gin.configurable
+def register_tfds_task(
+    name: str,
+    tfds_name: str,
+    data_dir: str | None = None,
+    text_key: str = "text",
+    splits: Sequence[str] | Mapping[str, str] | None = None,
+    shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
+) -> str:
+    """A task over a prepared TFDS dataset ('name/config:version') in `data_dir`; works offline."""
+    source = seqio.TfdsDataSource(tfds_name=tfds_name, tfds_data_dir=data_dir, splits=splits)
+    return _add_task(name, source, text_key, shuffle_buffer_size)
+
+
+@gin.configurable
+def register_function_task(
+    name: str,
+    dataset_fn: Callable,
+    splits: Sequence[str] = corpus.SPLITS,
+    text_key: str = TEXT_KEY,
+    shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
+) -> str:
+    """A task over `dataset_fn(split, shuffle_files, seed=None) -> tf.data.Dataset` of {text_key: string}."""
+    return _add_task(name, seqio.FunctionDataSource(dataset_fn, splits=tuple(splits)), text_key, shuffle_buffer_size)
+
+
+@gin.configurable
+def register_mixture(name: str, tasks_and_rates: Mapping[str, float] | Sequence[tuple[str, float]]) -> str:
+    """A mixture sampling registered tasks (or mixtures) in proportion to the given rates."""
+    pairs = list(tasks_and_rates.items()) if isinstance(tasks_and_rates, Mapping) else list(tasks_and_rates)
+    if not pairs or any(rate < 0 for _, rate in pairs) or sum(rate for _, rate in pairs) <= 0:
+        raise ValueError(f"mixture {name!r} needs non-negative rates with a positive sum, got {pairs}")
+    if name in seqio.TaskRegistry.names():
+        raise ValueError(f"{name!r} is already registered as a task")
+    seqio.MixtureRegistry.remove(name)
+    seqio.MixtureRegistry.add(name, [(t, float(r)) for t, r in pairs])
+    return name
+
+
+@gin.configurable
+def register_default_tasks(mixture_rates: Mapping[str, float] = DEFAULT_MIXTURE_RATES) -> list[str]:
+    """'flm_prose' and 'flm_code' over the embedded corpus (added once; they never change), and the mixture
+    'flm_default' of them (re-registered on every call, so gin-bound rates take effect)."""
+    for domain in corpus.DOMAINS:
+        if f"flm_{domain}" not in seqio.TaskRegistry.names():
+            source = seqio.FunctionDataSource(_corpus_dataset_fn(domain), splits=corpus.SPLITS)
+            _add_task(f"flm_{domain}", source, TEXT_KEY, SHUFFLE_BUFFER_SIZE)
+    return [f"flm_{d}" for d in corpus.DOMAINS] + [register_mixture(DEFAULT_MIXTURE, mixture_rates)]
+
+
+@gin.configurable
+def register_tasks(registrations: Sequence[str] = ()) -> list[str]:
+    """Call after parsing gin: (re)registers the defaults with their gin rates; `registrations` holds gin calls
+    such as `@my_docs/register_jsonl_task()`, which gin evaluates, in order, when this function is called."""
+    return register_default_tasks() + list(registrations)
+
+
+def task_text_key(name: str) -> str:
+    """The source feature holding the document text of a task registered by this module."""
+    if name not in _TEXT_KEYS:
+        raise KeyError(f"{name!r} was not registered by flm_jax.data (its text field is unknown)")
+    return _TEXT_KEYS[name]
+
+
+def source_text_stats(name: str, split: str) -> tuple[int, int]:
+    """(documents, UTF-8 bytes of their text) in the raw source of task `name`, read in order, once."""
+    ds = seqio.get_mixture_or_task(name).source.get_dataset(split=split, shuffle=False)
+    key = task_text_key(name)
+    lengths = ds.map(lambda ex: tf.strings.length(ex[key], unit="BYTE"), num_parallel_calls=tf.data.AUTOTUNE)
+    docs, total = lengths.reduce(
+        (tf.constant(0, tf.int64), tf.constant(0, tf.int64)), lambda acc, n: (acc[0] + 1, acc[1] + tf.cast(n, tf.int64))
+    )
+    return int(docs), int(total)

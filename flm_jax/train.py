@@ -1,0 +1,239 @@
+"""Pre-training: `python -m flm_jax.train --gin_file=gin/experiments/tiny_pretrain.gin --workdir=DIR`.
+
+Resumes from DIR's latest checkpoint when there is one (the model shape then comes from the checkpoint's metadata;
+with no --gin_file, DIR/config.gin is reused). Writes DIR/config.gin (the operative gin config),
+DIR/metrics.jsonl, DIR/tensorboard/ and DIR/checkpoints/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import numpy as np
+
+from flm_jax import cli, data
+from flm_jax.checkpoint import Checkpointer, make_metadata
+from flm_jax.config import ConfigError, TeleFLMConfig, human_count
+from flm_jax.failpoints import maybe_crash
+from flm_jax.hardware import peak_flops_per_device
+from flm_jax.metric_writer import MetricWriter
+from flm_jax.optim import make_optimizer
+from flm_jax.params import boxed_abstract_params, init_params, param_shardings
+from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, make_mesh, replicated
+from flm_jax.train_state import abstract_state, init_state, make_eval_step, make_train_step, state_shardings
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, in packed sequences
+    seq_len: int = 256
+    num_microbatches: int = 1  # gradient accumulation inside one step
+    mixture: str = data.DEFAULT_MIXTURE
+    seed: int = 0  # parameter init and data order
+    z_loss: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_tasks: tuple[str, ...] = ("flm_prose", "flm_code")  # validation loss and BPB per domain
+    eval_batch_size: int = 16
+    checkpoint_every: int = 100
+    max_to_keep: int = 3
+    async_checkpointing: bool = True
+
+    def __post_init__(self):
+        if self.batch_size % self.num_microbatches:
+            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
+                              f"{self.num_microbatches}.")
+        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("TrainConfig.steps, log_every and checkpoint_every must be >= 1.")
+
+
+def resolve_model_config(gin_config: TeleFLMConfig, metadata: dict | None) -> TeleFLMConfig:
+    """The checkpoint's architecture wins on resume; gin may only change runtime settings (dtype, remat)."""
+    if metadata is None:
+        return gin_config
+    saved = TeleFLMConfig.from_dict(metadata["model_config"])
+    differs = {k: (v, gin_config.hf_fields()[k]) for k, v in saved.hf_fields().items()
+               if gin_config.hf_fields()[k] != v}
+    bound = gin.query_parameter  # raises ValueError for unbound parameters
+    explicit = {k: d for k, d in differs.items() if _is_bound(bound, f"TeleFLMConfig.{k}")}
+    if explicit:
+        raise ConfigError(
+            "The checkpoint in this workdir has a different model shape than the gin config: " +
+            ", ".join(f"{k}: checkpoint {a!r} vs gin {b!r}" for k, (a, b) in explicit.items()) +
+            ". Use a new --workdir, or grow the checkpoint with `python -m flm_jax.grow`.")
+    runtime = {k: getattr(gin_config, k) for k in ("dtype", "param_dtype", "remat_policy")}
+    return saved.replace(**runtime)
+
+
+def _is_bound(query, name: str) -> bool:
+    try:
+        query(name)
+        return True
+    except ValueError:
+        return False
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """Every process holds the whole global batch (same deterministic stream); each device takes its slice."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+
+
+class Evaluator:
+    """Validation loss and bits per byte for each eval task, over every validation document."""
+
+    def __init__(self, tasks, batch_size, seq_len, config, layout, mesh, params_shardings):
+        self.sets = {task: data.validation_set(task, batch_size, seq_len) for task in tasks}
+        self.sharding = batch_sharding(mesh, layout)
+        self.step = jax.jit(make_eval_step(config, layout), in_shardings=(params_shardings, self.sharding))
+
+    def __call__(self, params) -> dict[str, float]:
+        results, total_nll, total_tokens, total_bytes = {}, 0.0, 0.0, 0
+        for task, vset in self.sets.items():
+            nll = tokens = 0.0
+            for batch in vset.batches:
+                n, t = self.step(params, global_batch(batch, self.sharding))
+                nll, tokens = nll + float(n), tokens + float(t)
+            results[f"val_loss/{task}"] = nll / tokens
+            results[f"val_bpb/{task}"] = data.bits_per_byte(nll, vset.num_bytes)
+            total_nll, total_tokens, total_bytes = total_nll + nll, total_tokens + tokens, total_bytes + vset.num_bytes
+        results["val_loss"] = total_nll / total_tokens
+        results["val_bpb"] = data.bits_per_byte(total_nll, total_bytes)
+        return results
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+    """Everything about a train state except its values: optimizer, schedule, shardings, abstract tree."""
+
+    tx: Any
+    schedule: Any
+    shardings: dict
+    abstract: dict
+
+    @classmethod
+    def build(cls, model_cfg: TeleFLMConfig, mesh, layout: MeshLayout, total_steps: int) -> "StateSpec":
+        with nn.logical_axis_rules(layout.flax_rules()):
+            abstract_params = nn.meta.unbox(boxed_abstract_params(model_cfg))
+        tx, schedule = make_optimizer(abstract_params, model_cfg, total_steps)
+        shardings = state_shardings(tx, abstract_params, param_shardings(model_cfg, mesh, layout), mesh)
+        return cls(tx, schedule, shardings, abstract_state(tx, abstract_params, shardings))
+
+
+def train(workdir: str | Path, train_cfg: TrainConfig | None = None, model_cfg: TeleFLMConfig | None = None,
+          layout: MeshLayout | None = None, until_step: int | None = None) -> dict[str, Any]:
+    """Train (or resume) in workdir up to TrainConfig.steps, or stop early after `until_step` with a checkpoint
+    (time-limited jobs; the next call continues). Returns the last logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train_cfg, layout = train_cfg or TrainConfig(), layout or MeshLayout()
+    data.register_tasks()  # the default tasks plus any registered from gin
+    mesh = make_mesh(layout)
+    split = batch_split(mesh, layout)
+    if train_cfg.batch_size % (split * train_cfg.num_microbatches):
+        raise ConfigError(f"TrainConfig.batch_size={train_cfg.batch_size} must be a multiple of the mesh's batch "
+                          f"split ({split}) x num_microbatches ({train_cfg.num_microbatches}).")
+
+    ckpt = Checkpointer(workdir, train_cfg.checkpoint_every, train_cfg.max_to_keep, train_cfg.async_checkpointing)
+    latest = ckpt.latest_step()
+    model_cfg = resolve_model_config(model_cfg or TeleFLMConfig(), ckpt.metadata(latest) if latest else None)
+    if train_cfg.seq_len > model_cfg.max_position_embeddings:
+        raise ConfigError(f"TrainConfig.seq_len={train_cfg.seq_len} exceeds TeleFLMConfig.max_position_embeddings="
+                          f"{model_cfg.max_position_embeddings}.")
+    spec = StateSpec.build(model_cfg, mesh, layout, train_cfg.steps)
+    tx, schedule, shardings = spec.tx, spec.schedule, spec.shardings
+    if jax.process_index() == 0:  # every configurable has been called by now
+        (workdir / "config.gin").write_text(gin.operative_config_str())
+
+    if latest is not None:
+        state, data_state, metadata = ckpt.restore(latest, spec.abstract)
+        batches = data.BatchIterator.from_state(data_state)
+        print(f"Resumed from {workdir}/checkpoints/{latest} (data at batch {batches.batches_consumed}).", flush=True)
+    else:
+        params = init_params(model_cfg, mesh, layout, jax.random.key(train_cfg.seed))
+        state = init_state(params, tx, shardings)
+        batches = data.BatchIterator(train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len,
+                                     train_cfg.seed)
+        metadata = {}
+    metadata = make_metadata(model_cfg, **{k: v for k, v in metadata.items()
+                                           if k not in ("format", "model_config", "layer_stack")})
+
+    b_sharding = batch_sharding(mesh, layout)
+    step_fn = jax.jit(make_train_step(model_cfg, tx, schedule, layout, train_cfg.num_microbatches,
+                                      train_cfg.z_loss),
+                      in_shardings=(shardings, b_sharding), out_shardings=(shardings, replicated(mesh)),
+                      donate_argnums=0)
+    evaluator = Evaluator(train_cfg.eval_tasks, train_cfg.eval_batch_size, train_cfg.seq_len, model_cfg, layout,
+                          mesh, shardings["params"]) if train_cfg.eval_tasks else None
+    writer = MetricWriter(workdir, train_cfg.steps)
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+    peak = peak_flops_per_device() * jax.device_count()
+    flops_per_step = model_cfg.flops_per_token(train_cfg.seq_len) * tokens_per_step
+    step = int(state["step"])
+    if step == 0:
+        writer.progress(0, f"{human_count(model_cfg.params_total())} parameters on mesh {dict(mesh.shape)}, "
+                           f"{human_count(tokens_per_step)} tokens/step")
+
+    last: dict[str, Any] = {}
+    interval_start, interval_steps = time.time(), 0
+    with jax.set_mesh(mesh):
+        stop = min(until_step or train_cfg.steps, train_cfg.steps)
+        while step < stop:
+            batch = next(batches)
+            crc = zlib.crc32(batch["inputs"].tobytes())
+            state, metrics = step_fn(state, global_batch(batch, b_sharding))
+            maybe_crash("mid_step", step + 1)
+            step, interval_steps = step + 1, interval_steps + 1
+            is_last = step == stop
+            if step % train_cfg.log_every == 0 or is_last or step == 1:
+                metrics = jax.device_get(metrics)
+                step_time = (time.time() - interval_start) / interval_steps
+                last = {**{k: float(v) for k, v in metrics.items()}, "step_time_s": step_time,
+                        "tokens_per_sec": tokens_per_step / step_time,
+                        "mfu": flops_per_step / step_time / peak, "batch_crc32": crc,
+                        "data_batches_consumed": batches.batches_consumed}
+                if evaluator and (step == train_cfg.steps or (train_cfg.eval_every
+                                                              and step % train_cfg.eval_every == 0)):
+                    last.update(evaluator(state["params"]))
+                writer.write(step, last)
+                val = f" val_loss {last['val_loss']:.4f} val_bpb {last['val_bpb']:.4f}" if "val_loss" in last else ""
+                writer.progress(step, f"loss {last['loss']:.4f} lr {last['lr']:.2e} gnorm {last['grad_norm']:.3f} "
+                                      f"{last['tokens_per_sec']:.0f} tok/s mfu {last['mfu']:.1%}{val}")
+                interval_start, interval_steps = time.time(), 0
+            if ckpt.save(step, state, batches.state(), metadata, force=is_last):
+                maybe_crash("mid_save", step)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return last
+
+
+def main(argv=None) -> None:
+    p = cli.parser(__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
+    p.add_argument("--until_step", type=int, default=None,
+                   help="stop after this step with a checkpoint (a later call continues to TrainConfig.steps)")
+    cli.add_distributed_flags(p)
+    args = cli.parse(p, argv)
+    if not args.gin_file and (Path(args.workdir) / "config.gin").is_file():
+        cli.load_gin([str(Path(args.workdir) / "config.gin")], args.gin_bindings)
+    cli.init_distributed(args)
+    try:
+        last = train(args.workdir, until_step=args.until_step)
+    except ConfigError as e:
+        raise SystemExit(f"train: {e}") from None
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in last.items() if k.startswith(("val_", "loss"))}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
