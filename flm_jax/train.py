@@ -201,8 +201,8 @@ def train(workdir: str | Path, train_cfg: TrainConfig | None = None, model_cfg: 
                         "tokens_per_sec": tokens_per_step / step_time,
                         "mfu": flops_per_step / step_time / peak, "batch_crc32": crc,
                         "data_batches_consumed": batches.batches_consumed}
-                if evaluator and (step == train_cfg.steps or (train_cfg.eval_every
-                                                              and step % train_cfg.eval_every == 0)):
+                if evaluator and (step == train_cfg.steps or (train_cfg.eval_every and (
+                        step % train_cfg.eval_every == 0 or step == 1))):  # step 1: the starting point
                     last.update(evaluator(state["params"]))
                 writer.write(step, last)
                 val = f" val_loss {last['val_loss']:.4f} val_bpb {last['val_bpb']:.4f}" if "val_loss" in last else ""

@@ -85,6 +85,16 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
         devices = layout.num_devices or (8 if -1 in layout.mesh_shape.values() else None)
         plan = make_plan(TeleFLMConfig(), layout, devices)
         assert plan["params_per_device"] * plan["num_devices"] >= plan["params_total"]
+    elif folder == "experiments":  # a whole run's config: model, mesh, training and optimizer settings
+        from flm_jax.optim import OptimizerConfig
+        from flm_jax.train import TrainConfig
+
+        gin.parse_config_file(str(REPO_ROOT / path))
+        cfg, run = TeleFLMConfig(), TrainConfig()
+        assert OptimizerConfig().peak_learning_rate > 0 and run.seq_len <= cfg.max_position_embeddings
+        plan = make_plan(cfg, MeshLayout(), batch_size=run.batch_size, seq_len=run.seq_len,
+                         num_microbatches=run.num_microbatches)
+        assert plan["params_total"] == cfg.params_total()
     else:
         pytest.fail(f"no abstract build check for gin/{folder}/: add one to this test")
     jax.clear_caches()

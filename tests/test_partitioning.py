@@ -125,5 +125,11 @@ def test_unknown_mesh_axis_is_refused():
 
 
 def test_mesh_that_does_not_fit_the_devices_is_refused():
+    with pytest.raises(ConfigError, match="needs 16 devices but 8 are available"):
+        make_mesh(MeshLayout(name="bad", mesh_shape={"fsdp": 4, "tensor": 4}))
     with pytest.raises(ConfigError, match="needs 6 devices but 8 are available"):
-        make_mesh(MeshLayout(name="bad", mesh_shape={"fsdp": 2, "tensor": 3}))
+        make_mesh(MeshLayout(name="bad", mesh_shape={"fsdp": 2, "tensor": 3}), jax.devices())
+    with pytest.raises(ConfigError, match="8 devices cannot be split into a mesh"):
+        make_mesh(MeshLayout(name="bad", mesh_shape={"fsdp": -1, "tensor": 3}))
+    # A fully specified mesh smaller than the host takes the first devices it needs.
+    assert make_mesh(MeshLayout(name="small", mesh_shape={"fsdp": 2, "tensor": 3})).devices.size == 6

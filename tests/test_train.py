@@ -131,3 +131,39 @@ def test_every_experiment_gin_runs_two_steps(name, tmp_path):
     last = metrics(tmp_path)[-1]
     assert last["step"] == 2 and np.isfinite(last["loss"]) and last["val_bpb"] > 0
     assert "TrainConfig.steps = 2" in Path(tmp_path, "config.gin").read_text()
+
+
+def test_validation_bpb_equals_independent_nll_over_bytes(tmp_path):
+    """The trainer's val_bpb = total NLL / (ln 2 x UTF-8 bytes), recomputed here from the raw snapshot, the
+    SentencePiece model and an unpacked forward pass per chunk (no seqio, no packing)."""
+    import gzip
+    import math
+
+    from flm_jax import data
+    from flm_jax.model import TeleFLM
+
+    seq_len = 64
+    last = train(tmp_path, TrainConfig(steps=1, batch_size=8, seq_len=seq_len, eval_tasks=("flm_code",),
+                                       eval_batch_size=32), MODEL, SINGLE)
+    params = restore(tmp_path, SINGLE)[0]["params"]
+    with gzip.open(REPO_ROOT / "flm_jax/data/assets/code.jsonl.gz", "rt", encoding="utf-8") as f:
+        texts = [r["text"] for r in map(json.loads, f) if r["split"] == "validation"]
+    sp = data.load_sentencepiece()
+    chunks = []  # every document's tokens + EOS, cut into seq_len pieces, each read from BOS
+    for text in texts:
+        ids = sp.encode(text) + [data.EOS_ID]
+        chunks += [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+    targets = np.zeros((len(chunks), seq_len), np.int32)
+    weights = np.zeros((len(chunks), seq_len), np.float32)
+    for row, chunk in enumerate(chunks):
+        targets[row, :len(chunk)], weights[row, :len(chunk)] = chunk, 1.0
+    inputs = np.concatenate([np.full((len(chunks), 1), data.BOS_ID, np.int32), targets[:, :-1]], axis=1)
+    logits = np.asarray(TeleFLM(MODEL).apply({"params": params}, inputs), np.float64)
+    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -(np.take_along_axis(log_probs, targets[..., None], -1)[..., 0] * weights).sum()
+    num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    expected = nll / (math.log(2) * num_bytes)
+    assert 1.0 < expected < 10.0
+    assert last["val_bpb/flm_code"] == pytest.approx(expected, rel=1e-5)
+    assert last["val_loss/flm_code"] == pytest.approx(nll / weights.sum(), rel=1e-5)
