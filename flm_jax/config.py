@@ -15,6 +15,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 # Which intermediate values a layer keeps for the backward pass (see model.py and plan.py).
 REMAT_POLICIES = ("none", "full", "dots")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy")
+EXTENSION_FIELDS = ("rms_norm_scale",)  # architecture fields Hugging Face configs do not have
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,9 @@ class TeleFLMConfig:
     num_key_value_heads: int | None = None  # None: plain multi-head attention (kv heads = heads)
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
+    # flm_jax extension (not an HF field; export folds it into the norm gains): a static multiplier on every
+    # RMSNorm output, set by exact zero-padding growth of the hidden size (shared/GROWTH.md). 1 otherwise.
+    rms_norm_scale: float = 1.0
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -84,7 +88,7 @@ class TeleFLMConfig:
                 raise ConfigError(f"TeleFLMConfig.{name}={getattr(self, name)!r} is not one of {DTYPES}.")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"TeleFLMConfig.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}.")
-        for name in ("rms_norm_eps", "rope_theta", "mup_scale_factor"):
+        for name in ("rms_norm_eps", "rms_norm_scale", "rope_theta", "mup_scale_factor"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"TeleFLMConfig.{name} must be > 0, got {getattr(self, name)!r}.")
 
@@ -135,8 +139,9 @@ class TeleFLMConfig:
 
     # --- (de)serialisation ---
     def hf_fields(self) -> dict[str, Any]:
-        """The architecture fields, under their Hugging Face names (no runtime settings)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in RUNTIME_FIELDS}
+        """The architecture fields that Hugging Face configs have, under their names (no runtime settings)."""
+        skip = RUNTIME_FIELDS + EXTENSION_FIELDS
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,44 +11,72 @@ e head_dim, f FFN units, v vocab.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flm_jax.config import TeleFLMConfig
+from flm_jax.mup import init_std
 
 Array = jax.Array
 
 
-def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...], std: float | None):
-    """A full-shape parameter with logical axis names; std None means ones (norm gains)."""
+def stats_dtype(config: TeleFLMConfig):
+    """Norm statistics, RoPE, softmax and logits run in float32, or float64 when the model computes in float64."""
+    return jnp.promote_types(jnp.float32, config.dtype)
+
+
+def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int, ...]):
+    """A full-shape parameter with logical axis names, initialised as its μP class says (flm_jax/mup.py)."""
+    std = init_std(module.config, name)
     init = nn.initializers.ones if std is None else nn.initializers.normal(stddev=std)
     dtype = jnp.dtype(module.config.param_dtype)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class GrowthMasks(NamedTuple):
+    """MSG masks of a model in the middle of a growth ramp (flm_jax/growth/msg.py builds them): 1 on structure
+    the model had before growing, the ramp value m on new structure."""
+
+    hidden: Array  # [d]
+    heads: Array  # [h]
+    ffn: Array  # [f]
+    layers: Array  # [num_layers]
 
 
 class RMSNorm(nn.Module):
     config: TeleFLMConfig
 
     @nn.compact
-    def __call__(self, x_btd: Array) -> Array:
-        scale_d = _param(self, "scale", ("norm",), (x_btd.shape[-1],), None)
-        x = x_btd.astype(jnp.float32)
-        mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
-        y = x * jax.lax.rsqrt(mean_square + self.config.rms_norm_eps) * scale_d.astype(jnp.float32)
+    def __call__(self, x_btd: Array, hidden_mask_d: Array | None = None) -> Array:
+        """With a hidden mask, the mean square runs over masked-in coordinates only (MSG) and new coordinates
+        of the output are scaled by their mask."""
+        scale_d = _param(self, "scale", ("norm",), (x_btd.shape[-1],))
+        x = x_btd.astype(stats_dtype(self.config))
+        if hidden_mask_d is None:
+            mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+        else:
+            mean_square = (jnp.square(x) @ hidden_mask_d)[..., None] / jnp.sum(hidden_mask_d)
+        y = x * jax.lax.rsqrt(mean_square + self.config.rms_norm_eps) * scale_d.astype(x.dtype)
+        if self.config.rms_norm_scale != 1.0:
+            y = y * self.config.rms_norm_scale
+        if hidden_mask_d is not None:
+            y = y * hidden_mask_d
         return y.astype(self.config.dtype)
 
 
-def rope_cos_sin(positions_bt: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-    """cos and sin tables [b, t, e] in the Hugging Face (rotate-half) layout, computed in float32."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+def rope_cos_sin(positions_bt: Array, head_dim: int, theta: float, dtype=jnp.float32) -> tuple[Array, Array]:
+    """cos and sin tables [b, t, e] in the Hugging Face (rotate-half) layout, computed in `dtype`."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=dtype) / head_dim))
+    angles = positions_bt.astype(dtype)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x_bthe: Array, cos_bte: Array, sin_bte: Array) -> Array:
-    x = x_bthe.astype(jnp.float32)
+    x = x_bthe.astype(cos_bte.dtype)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     out = x * cos_bte[:, :, None, :] + rotated * sin_bte[:, :, None, :]
@@ -68,14 +96,14 @@ class Attention(nn.Module):
     config: TeleFLMConfig
 
     @nn.compact
-    def __call__(self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array) -> Array:
+    def __call__(self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array,
+                 heads_mask_h: Array | None = None) -> Array:
         cfg = self.config
         d, h, k, e = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        std = cfg.initializer_range
-        q_w = _param(self, "q_proj", ("embed", "heads", "head_dim"), (d, h, e), std)
-        k_w = _param(self, "k_proj", ("embed", "kv_heads", "head_dim"), (d, k, e), std)
-        v_w = _param(self, "v_proj", ("embed", "kv_heads", "head_dim"), (d, k, e), std)
-        o_w = _param(self, "o_proj", ("heads", "head_dim", "embed"), (h, e, d), std)
+        q_w = _param(self, "q_proj", ("embed", "heads", "head_dim"), (d, h, e))
+        k_w = _param(self, "k_proj", ("embed", "kv_heads", "head_dim"), (d, k, e))
+        v_w = _param(self, "v_proj", ("embed", "kv_heads", "head_dim"), (d, k, e))
+        o_w = _param(self, "o_proj", ("heads", "head_dim", "embed"), (h, e, d))
         dt = cfg.dtype
 
         q_bthe = jnp.einsum("btd,dhe->bthe", x_btd, q_w.astype(dt))
@@ -89,11 +117,14 @@ class Attention(nn.Module):
 
         b, t = x_btd.shape[:2]
         q_btkge = q_bthe.reshape(b, t, k, h // k, e)
-        scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(jnp.float32) / jnp.sqrt(e)
-        scores_bkgts = jnp.where(mask, scores_bkgts, jnp.finfo(jnp.float32).min)
+        acc = stats_dtype(cfg)
+        scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(acc) / jnp.sqrt(e).astype(acc)
+        scores_bkgts = jnp.where(mask, scores_bkgts, jnp.finfo(acc).min)
         probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
         out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
         out_bthe = out_btkge.reshape(b, t, h, e)
+        if heads_mask_h is not None:
+            out_bthe = out_bthe * heads_mask_h[:, None].astype(dt)
         out_bthe = nn.with_logical_constraint(out_bthe, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         return jnp.einsum("bthe,hed->btd", out_bthe, o_w.astype(dt))
 
@@ -102,16 +133,19 @@ class SwiGLU(nn.Module):
     config: TeleFLMConfig
 
     @nn.compact
-    def __call__(self, x_btd: Array) -> Array:
+    def __call__(self, x_btd: Array, ffn_mask_f: Array | None = None) -> Array:
         cfg = self.config
-        d, f, std = cfg.hidden_size, cfg.intermediate_size, cfg.initializer_range
-        gate_w = _param(self, "gate_proj", ("embed", "mlp"), (d, f), std)
-        up_w = _param(self, "up_proj", ("embed", "mlp"), (d, f), std)
-        down_w = _param(self, "down_proj", ("mlp", "embed"), (f, d), std)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        gate_w = _param(self, "gate_proj", ("embed", "mlp"), (d, f))
+        up_w = _param(self, "up_proj", ("embed", "mlp"), (d, f))
+        down_w = _param(self, "down_proj", ("mlp", "embed"), (f, d))
         dt = cfg.dtype
         gate_btf = jnp.einsum("btd,df->btf", x_btd, gate_w.astype(dt))
         up_btf = jnp.einsum("btd,df->btf", x_btd, up_w.astype(dt))
-        hidden_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, ("act_batch", "act_length", "act_mlp"))
+        hidden_btf = nn.silu(gate_btf) * up_btf
+        if ffn_mask_f is not None:
+            hidden_btf = hidden_btf * ffn_mask_f.astype(dt)
+        hidden_btf = nn.with_logical_constraint(hidden_btf, ("act_batch", "act_length", "act_mlp"))
         return jnp.einsum("btf,fd->btd", hidden_btf, down_w.astype(dt))
 
 
@@ -121,14 +155,35 @@ class DecoderLayer(nn.Module):
     config: TeleFLMConfig
 
     @nn.compact
-    def __call__(self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array):
+    def __call__(self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array,
+                 masks: GrowthMasks | None, layer_gate: Array):
+        """layer_gate (a scalar, this layer's slice of masks.layers) blends a new layer in as x + m·f(x)."""
         residual_axes = ("act_batch", "act_length", "act_embed")
+        hidden, heads, ffn = (None, None, None) if masks is None else (masks.hidden, masks.heads, masks.ffn)
         x_btd = nn.with_logical_constraint(x_btd, residual_axes)
-        attn_in = RMSNorm(self.config, name="input_layernorm")(x_btd)
-        x_btd = x_btd + Attention(self.config, name="self_attn")(attn_in, mask, cos_bte, sin_bte)
-        mlp_in = RMSNorm(self.config, name="post_attention_layernorm")(x_btd)
-        x_btd = x_btd + SwiGLU(self.config, name="mlp")(mlp_in)
+        x_in = x_btd
+        attn_in = RMSNorm(self.config, name="input_layernorm")(x_btd, hidden)
+        attn_out = Attention(self.config, name="self_attn")(attn_in, mask, cos_bte, sin_bte, heads)
+        if masks is not None:
+            attn_out = attn_out * (hidden * layer_gate).astype(attn_out.dtype)
+        x_btd = x_btd + attn_out
+        mlp_in = RMSNorm(self.config, name="post_attention_layernorm")(x_btd, hidden)
+        mlp_out = SwiGLU(self.config, name="mlp")(mlp_in, ffn)
+        if masks is not None:
+            mlp_out = mlp_out * (hidden * layer_gate).astype(mlp_out.dtype)
+        x_btd = x_btd + mlp_out
+        for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("residual", x_btd)):
+            _sow_rms(self, name, value)
+        # How much this layer changes the hidden state, 1 - cos(h_in, h_out) (distance-based layer selection).
+        a, b = x_in.astype(jnp.float32), x_btd.astype(jnp.float32)
+        cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-9)
+        self.sow("intermediates", "cos_distance", jnp.mean(1.0 - cos))
         return nn.with_logical_constraint(x_btd, residual_axes), None
+
+
+def _sow_rms(module: nn.Module, name: str, x: Array) -> None:
+    """Record sqrt(mean(x^2)) in the 'intermediates' collection (μP coordinate checks); free unless mutable."""
+    module.sow("intermediates", f"{name}_rms", jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
 
 
 def remat_layer(policy: str) -> type[nn.Module]:
@@ -140,40 +195,45 @@ def remat_layer(policy: str) -> type[nn.Module]:
 
 
 class TeleFLM(nn.Module):
-    """tokens [b, t] (+ segment ids and positions for packed rows) -> logits [b, t, v] in float32."""
+    """tokens [b, t] (+ segment ids and positions for packed rows) -> logits [b, t, v] in float32 (float64 for a
+    float64 model)."""
 
     config: TeleFLMConfig
 
     @nn.compact
-    def __call__(self, tokens_bt: Array, segment_ids_bt: Array | None = None, positions_bt: Array | None = None):
+    def __call__(self, tokens_bt: Array, segment_ids_bt: Array | None = None, positions_bt: Array | None = None,
+                 masks: GrowthMasks | None = None):
         cfg = self.config
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
 
-        embedding_vd = _param(self, "embed_tokens", ("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size),
-                              cfg.initializer_range)
+        embedding_vd = _param(self, "embed_tokens", ("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size))
         x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(cfg.dtype) * cfg.embedding_scale
+        if masks is not None:
+            x_btd = x_btd * masks.hidden.astype(x_btd.dtype)
         x_btd = nn.with_logical_constraint(x_btd, ("act_batch", "act_length", "act_embed"))
+        _sow_rms(self, "embedding", x_btd)
 
         mask = attention_mask(segment_ids_bt)
-        cos_bte, sin_bte = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta)
+        cos_bte, sin_bte = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta, stats_dtype(cfg))
         layers = nn.scan(
             remat_layer(cfg.remat_policy),
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_btd, _ = layers(cfg, name="layers")(x_btd, mask, cos_bte, sin_bte)
+        gates = jnp.ones(cfg.num_hidden_layers, jnp.float32) if masks is None else masks.layers
+        x_btd, _ = layers(cfg, name="layers")(x_btd, mask, cos_bte, sin_bte, masks, gates)
 
-        x_btd = RMSNorm(cfg, name="norm")(x_btd)
-        head_dv = _param(self, "lm_head", ("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size),
-                         cfg.initializer_range)
-        logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(cfg.dtype)).astype(jnp.float32)
+        x_btd = RMSNorm(cfg, name="norm")(x_btd, None if masks is None else masks.hidden)
+        head_dv = _param(self, "lm_head", ("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size))
+        logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(cfg.dtype)).astype(stats_dtype(cfg))
         logits_btv = logits_btv * cfg.logits_scale
+        _sow_rms(self, "logits", logits_btv)
         return nn.with_logical_constraint(logits_btv, ("act_batch", "act_length", "act_vocab"))
 
 

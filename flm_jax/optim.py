@@ -3,6 +3,7 @@
 The chain is clip -> Adam -> decoupled weight decay -> per-parameter multiplier -> -schedule(step). The
 multiplier scales the whole update of a parameter (its Adam step and its decay), so a parameter class whose
 learning rate is lr·m_lr and whose decay is wd·m_wd decays at lr·m_lr·wd·m_wd per step, as in μP's Adam rules.
+The multipliers come from a gin-configurable function of (params, config); the default is flm_jax.mup's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.mup import param_multipliers
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -41,7 +43,14 @@ class OptimizerConfig:
             raise ConfigError("OptimizerConfig needs warmup_steps >= 0 and peak_learning_rate > 0.")
 
 
-def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int, start_step: int = 0) -> optax.Schedule:
+    """Warmup then decay over the steps start_step..total_steps. A stage that starts after a growth (start_step
+    > 0) gets its own warmup and peak, as FLM-101B's stages did; warmup_steps=0 rewinds straight to the peak."""
+    inner = _stage_schedule(cfg, total_steps - start_step)
+    return inner if not start_step else lambda step: inner(step - start_step)
+
+
+def _stage_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     peak, warmup = cfg.peak_learning_rate, cfg.warmup_steps
     decay_steps = max(cfg.decay_steps or (total_steps - warmup), 1)
     end = peak * cfg.end_lr_ratio
@@ -55,19 +64,6 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
     if warmup == 0:
         return decay_fn
     return optax.join_schedules([warmup_fn, decay_fn], [warmup])
-
-
-def _leaf_name(path) -> str:
-    return str(getattr(path[-1], "key", path[-1]))
-
-
-@gin.configurable
-def standard_multipliers(params: Any, config: TeleFLMConfig) -> tuple[Any, Any]:
-    """(learning-rate multipliers, weight-decay multipliers) per parameter: 1 everywhere, no decay on norm gains."""
-    del config
-    lr = jax.tree_util.tree_map(lambda _: 1.0, params)
-    wd = jax.tree_util.tree_map_with_path(lambda p, _: 0.0 if _leaf_name(p) == "scale" else 1.0, params)
-    return lr, wd
 
 
 MultipliersFn = Callable[[Any, TeleFLMConfig], tuple[Any, Any]]
@@ -90,16 +86,17 @@ def _decay_each(weight_decay: float, multipliers: Any) -> optax.GradientTransfor
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-@gin.configurable(denylist=["params", "config", "total_steps"])
-def make_optimizer(params: Any, config: TeleFLMConfig, total_steps: int,
+@gin.configurable(denylist=["params", "config", "total_steps", "start_step"])
+def make_optimizer(params: Any, config: TeleFLMConfig, total_steps: int, start_step: int = 0,
                    optimizer: OptimizerConfig | None = None,
-                   multipliers: MultipliersFn = standard_multipliers) -> tuple[optax.GradientTransformation,
+                   multipliers: MultipliersFn = param_multipliers) -> tuple[optax.GradientTransformation,
                                                                                   optax.Schedule]:
     """The AdamW chain for a parameter tree (abstract is fine) and its learning-rate schedule."""
     cfg = optimizer or OptimizerConfig()
-    schedule = learning_rate_schedule(cfg, total_steps)
+    schedule = learning_rate_schedule(cfg, total_steps, start_step)
     lr_mult, wd_mult = multipliers(params, config)
-    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
+    # The chain's state structure never depends on the settings, so any checkpoint restores under any config.
+    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity()]
     parts += [optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps, mu_dtype=jnp.float32),
               _decay_each(cfg.weight_decay, wd_mult),
               _scale_each(lr_mult),

@@ -21,8 +21,9 @@ import numpy as np
 
 from flm_jax import cli, data
 from flm_jax.checkpoint import Checkpointer, make_metadata
-from flm_jax.config import ConfigError, TeleFLMConfig, human_count
+from flm_jax.config import RUNTIME_FIELDS, ConfigError, TeleFLMConfig, human_count
 from flm_jax.failpoints import maybe_crash
+from flm_jax.growth.msg import ramp_done, ramp_value
 from flm_jax.hardware import peak_flops_per_device
 from flm_jax.metric_writer import MetricWriter
 from flm_jax.optim import make_optimizer
@@ -57,30 +58,20 @@ class TrainConfig:
             raise ConfigError("TrainConfig.steps, log_every and checkpoint_every must be >= 1.")
 
 
-def resolve_model_config(gin_config: TeleFLMConfig, metadata: dict | None) -> TeleFLMConfig:
-    """The checkpoint's architecture wins on resume; gin may only change runtime settings (dtype, remat)."""
+def resolve_model_config(requested: TeleFLMConfig, metadata: dict | None) -> TeleFLMConfig:
+    """On resume the checkpoint must hold the requested architecture; runtime settings (dtype, remat) may change."""
     if metadata is None:
-        return gin_config
-    saved = TeleFLMConfig.from_dict(metadata["model_config"])
-    differs = {k: (v, gin_config.hf_fields()[k]) for k, v in saved.hf_fields().items()
-               if gin_config.hf_fields()[k] != v}
-    bound = gin.query_parameter  # raises ValueError for unbound parameters
-    explicit = {k: d for k, d in differs.items() if _is_bound(bound, f"TeleFLMConfig.{k}")}
-    if explicit:
+        return requested
+    saved = TeleFLMConfig.from_dict(metadata["model_config"]).to_dict()
+    wanted = requested.to_dict()
+    differs = {k: (saved[k], wanted[k]) for k in saved if k not in RUNTIME_FIELDS and saved[k] != wanted[k]}
+    if differs:
         raise ConfigError(
-            "The checkpoint in this workdir has a different model shape than the gin config: " +
-            ", ".join(f"{k}: checkpoint {a!r} vs gin {b!r}" for k, (a, b) in explicit.items()) +
-            ". Use a new --workdir, or grow the checkpoint with `python -m flm_jax.grow`.")
-    runtime = {k: getattr(gin_config, k) for k in ("dtype", "param_dtype", "remat_policy")}
-    return saved.replace(**runtime)
-
-
-def _is_bound(query, name: str) -> bool:
-    try:
-        query(name)
-        return True
-    except ValueError:
-        return False
+            "The checkpoint in this workdir has another model shape than the config: " +
+            ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differs.items()) +
+            ". Use a new --workdir, or omit --gin_file to continue with the workdir's own config.gin "
+            "(a grown checkpoint: `python -m flm_jax.grow` wrote it).")
+    return requested
 
 
 def global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
@@ -94,14 +85,19 @@ class Evaluator:
     def __init__(self, tasks, batch_size, seq_len, config, layout, mesh, params_shardings):
         self.sets = {task: data.validation_set(task, batch_size, seq_len) for task in tasks}
         self.sharding = batch_sharding(mesh, layout)
-        self.step = jax.jit(make_eval_step(config, layout), in_shardings=(params_shardings, self.sharding))
+        self.config, self.layout, self.mesh, self.params_shardings = config, layout, mesh, params_shardings
+        self.use_growth(None)
 
-    def __call__(self, params) -> dict[str, float]:
+    def use_growth(self, growth: dict | None) -> None:
+        self.step = jax.jit(make_eval_step(self.config, self.layout, growth),
+                            in_shardings=(self.params_shardings, self.sharding, replicated(self.mesh)))
+
+    def __call__(self, params, step: int) -> dict[str, float]:
         results, total_nll, total_tokens, total_bytes = {}, 0.0, 0.0, 0
         for task, vset in self.sets.items():
             nll = tokens = 0.0
             for batch in vset.batches:
-                n, t = self.step(params, global_batch(batch, self.sharding))
+                n, t = self.step(params, global_batch(batch, self.sharding), step)
                 nll, tokens = nll + float(n), tokens + float(t)
             results[f"val_loss/{task}"] = nll / tokens
             results[f"val_bpb/{task}"] = data.bits_per_byte(nll, vset.num_bytes)
@@ -121,10 +117,11 @@ class StateSpec:
     abstract: dict
 
     @classmethod
-    def build(cls, model_cfg: TeleFLMConfig, mesh, layout: MeshLayout, total_steps: int) -> "StateSpec":
+    def build(cls, model_cfg: TeleFLMConfig, mesh, layout: MeshLayout, total_steps: int,
+              start_step: int = 0) -> "StateSpec":
         with nn.logical_axis_rules(layout.flax_rules()):
             abstract_params = nn.meta.unbox(boxed_abstract_params(model_cfg))
-        tx, schedule = make_optimizer(abstract_params, model_cfg, total_steps)
+        tx, schedule = make_optimizer(abstract_params, model_cfg, total_steps, start_step)
         shardings = state_shardings(tx, abstract_params, param_shardings(model_cfg, mesh, layout), mesh)
         return cls(tx, schedule, shardings, abstract_state(tx, abstract_params, shardings))
 
@@ -145,76 +142,110 @@ def train(workdir: str | Path, train_cfg: TrainConfig | None = None, model_cfg: 
 
     ckpt = Checkpointer(workdir, train_cfg.checkpoint_every, train_cfg.max_to_keep, train_cfg.async_checkpointing)
     latest = ckpt.latest_step()
-    model_cfg = resolve_model_config(model_cfg or TeleFLMConfig(), ckpt.metadata(latest) if latest else None)
+    saved_meta = ckpt.metadata(latest) if latest is not None else {}
+    model_cfg = resolve_model_config(model_cfg or TeleFLMConfig(), saved_meta or None)
     if train_cfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(f"TrainConfig.seq_len={train_cfg.seq_len} exceeds TeleFLMConfig.max_position_embeddings="
                           f"{model_cfg.max_position_embeddings}.")
-    spec = StateSpec.build(model_cfg, mesh, layout, train_cfg.steps)
-    tx, schedule, shardings = spec.tx, spec.schedule, spec.shardings
+    # After a growth, this stage's learning-rate schedule starts at the step the checkpoint was grown at.
+    spec = StateSpec.build(model_cfg, mesh, layout, train_cfg.steps, saved_meta.get("stage_start_step", 0))
     if jax.process_index() == 0:  # every configurable has been called by now
         (workdir / "config.gin").write_text(gin.operative_config_str())
 
     if latest is not None:
-        state, data_state, metadata = ckpt.restore(latest, spec.abstract)
-        batches = data.BatchIterator.from_state(data_state)
-        print(f"Resumed from {workdir}/checkpoints/{latest} (data at batch {batches.batches_consumed}).", flush=True)
+        state, data_state, _ = ckpt.restore(latest, spec.abstract)
+        print(f"Resumed from {workdir}/checkpoints/{latest}.", flush=True)
     else:
         params = init_params(model_cfg, mesh, layout, jax.random.key(train_cfg.seed))
-        state = init_state(params, tx, shardings)
-        batches = data.BatchIterator(train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len,
-                                     train_cfg.seed)
-        metadata = {}
-    metadata = make_metadata(model_cfg, **{k: v for k, v in metadata.items()
+        state, data_state = init_state(params, spec.tx, spec.shardings), {}
+    # An empty data state (a new run, or a checkpoint made by import_hf) starts the configured stream.
+    batches = (data.BatchIterator.from_state(data_state) if data_state else
+               data.BatchIterator(train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len,
+                                  train_cfg.seed))
+    metadata = make_metadata(model_cfg, **{k: v for k, v in saved_meta.items()
                                            if k not in ("format", "model_config", "layer_stack")})
-
-    b_sharding = batch_sharding(mesh, layout)
-    step_fn = jax.jit(make_train_step(model_cfg, tx, schedule, layout, train_cfg.num_microbatches,
-                                      train_cfg.z_loss),
-                      in_shardings=(shardings, b_sharding), out_shardings=(shardings, replicated(mesh)),
-                      donate_argnums=0)
-    evaluator = Evaluator(train_cfg.eval_tasks, train_cfg.eval_batch_size, train_cfg.seq_len, model_cfg, layout,
-                          mesh, shardings["params"]) if train_cfg.eval_tasks else None
-    writer = MetricWriter(workdir, train_cfg.steps)
-    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
-    peak = peak_flops_per_device() * jax.device_count()
-    flops_per_step = model_cfg.flops_per_token(train_cfg.seq_len) * tokens_per_step
     step = int(state["step"])
-    if step == 0:
-        writer.progress(0, f"{human_count(model_cfg.params_total())} parameters on mesh {dict(mesh.shape)}, "
-                           f"{human_count(tokens_per_step)} tokens/step")
+    if step >= min(until_step or train_cfg.steps, train_cfg.steps):
+        print(f"Nothing to do: the checkpoint is at step {step} and TrainConfig.steps={train_cfg.steps}.", flush=True)
+        ckpt.close()
+        return {}
+    loop = TrainLoop(train_cfg, model_cfg, layout, mesh, spec, metadata, workdir)
+    try:
+        return loop.run(state, batches, ckpt, min(until_step or train_cfg.steps, train_cfg.steps))
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        loop.writer.close()
 
-    last: dict[str, Any] = {}
-    interval_start, interval_steps = time.time(), 0
-    with jax.set_mesh(mesh):
-        stop = min(until_step or train_cfg.steps, train_cfg.steps)
-        while step < stop:
-            batch = next(batches)
-            crc = zlib.crc32(batch["inputs"].tobytes())
-            state, metrics = step_fn(state, global_batch(batch, b_sharding))
-            maybe_crash("mid_step", step + 1)
-            step, interval_steps = step + 1, interval_steps + 1
-            is_last = step == stop
-            if step % train_cfg.log_every == 0 or is_last or step == 1:
-                metrics = jax.device_get(metrics)
-                step_time = (time.time() - interval_start) / interval_steps
-                last = {**{k: float(v) for k, v in metrics.items()}, "step_time_s": step_time,
-                        "tokens_per_sec": tokens_per_step / step_time,
-                        "mfu": flops_per_step / step_time / peak, "batch_crc32": crc,
-                        "data_batches_consumed": batches.batches_consumed}
-                if evaluator and (step == train_cfg.steps or (train_cfg.eval_every and (
-                        step % train_cfg.eval_every == 0 or step == 1))):  # step 1: the starting point
-                    last.update(evaluator(state["params"]))
-                writer.write(step, last)
-                val = f" val_loss {last['val_loss']:.4f} val_bpb {last['val_bpb']:.4f}" if "val_loss" in last else ""
-                writer.progress(step, f"loss {last['loss']:.4f} lr {last['lr']:.2e} gnorm {last['grad_norm']:.3f} "
-                                      f"{last['tokens_per_sec']:.0f} tok/s mfu {last['mfu']:.1%}{val}")
-                interval_start, interval_steps = time.time(), 0
-            if ckpt.save(step, state, batches.state(), metadata, force=is_last):
-                maybe_crash("mid_save", step)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    return last
+
+class TrainLoop:
+    """The jitted step, evaluation and logging of one run; folds MSG masks away when their ramp ends."""
+
+    def __init__(self, train_cfg, model_cfg, layout, mesh, spec: StateSpec, metadata: dict, workdir: Path):
+        self.cfg, self.model_cfg, self.layout, self.mesh, self.spec = train_cfg, model_cfg, layout, mesh, spec
+        self.metadata = metadata
+        self.b_sharding = batch_sharding(mesh, layout)
+        self.evaluator = Evaluator(train_cfg.eval_tasks, train_cfg.eval_batch_size, train_cfg.seq_len, model_cfg,
+                                   layout, mesh, spec.shardings["params"]) if train_cfg.eval_tasks else None
+        self.writer = MetricWriter(workdir, train_cfg.steps)
+        self.tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+        self.flops_per_step = model_cfg.flops_per_token(train_cfg.seq_len) * self.tokens_per_step
+        self.peak = peak_flops_per_device() * jax.device_count()
+        self.set_growth(metadata.get("growth"))
+
+    def set_growth(self, growth: dict | None) -> None:
+        """(Re)compile the step for an MSG ramp in progress, or for the plain model."""
+        self.growth = growth
+        step = make_train_step(self.model_cfg, self.spec.tx, self.spec.schedule, self.layout,
+                               self.cfg.num_microbatches, self.cfg.z_loss, growth)
+        self.step_fn = jax.jit(step, in_shardings=(self.spec.shardings, self.b_sharding),
+                               out_shardings=(self.spec.shardings, replicated(self.mesh)), donate_argnums=0)
+        if self.evaluator:
+            self.evaluator.use_growth(growth)
+        if growth is None:
+            self.metadata.pop("growth", None)
+
+    def run(self, state, batches, ckpt: Checkpointer, stop: int) -> dict[str, Any]:
+        cfg = self.cfg
+        step = int(state["step"])
+        if step == 0:
+            self.writer.progress(0, f"{human_count(self.model_cfg.params_total())} parameters on mesh "
+                                    f"{dict(self.mesh.shape)}, {human_count(self.tokens_per_step)} tokens/step")
+        last: dict[str, Any] = {}
+        interval_start, interval_steps, first = time.time(), 0, True
+        with jax.set_mesh(self.mesh):
+            while step < stop:
+                batch = next(batches)
+                crc = zlib.crc32(batch["inputs"].tobytes())
+                state, metrics = self.step_fn(state, global_batch(batch, self.b_sharding))
+                maybe_crash("mid_step", step + 1)
+                step, interval_steps = step + 1, interval_steps + 1
+                if self.growth is not None:
+                    self.metadata["growth"]["mask"] = float(ramp_value(self.growth, step))
+                    if ramp_done(self.growth, step):  # m = 1: the masked model is the plain model
+                        self.set_growth(None)
+                if step % cfg.log_every == 0 or step == stop or first:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    step_time = (time.time() - interval_start) / interval_steps
+                    last = {**metrics, "step_time_s": step_time, "tokens_per_sec": self.tokens_per_step / step_time,
+                            "mfu": self.flops_per_step / step_time / self.peak, "batch_crc32": crc,
+                            "data_batches_consumed": batches.batches_consumed}
+                    if self.evaluator and (step == cfg.steps or first or (cfg.eval_every and
+                                                                          step % cfg.eval_every == 0)):
+                        last.update(self.evaluator(state["params"], step))
+                    self.log(step, last)
+                    interval_start, interval_steps, first = time.time(), 0, False
+                if ckpt.save(step, state, batches.state(), self.metadata, force=step == stop):
+                    maybe_crash("mid_save", step)
+        return last
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        self.writer.write(step, record)
+        val = f" val_loss {record['val_loss']:.4f} val_bpb {record['val_bpb']:.4f}" if "val_loss" in record else ""
+        mask = f" mask {record['growth_mask']:.2f}" if "growth_mask" in record else ""
+        self.writer.progress(step, f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm "
+                                   f"{record['grad_norm']:.3f} {record['tokens_per_sec']:.0f} tok/s "
+                                   f"mfu {record['mfu']:.1%}{mask}{val}")
 
 
 def main(argv=None) -> None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from flm_jax.config import TeleFLMConfig
+from flm_jax.growth.msg import build_masks, ramp_value
 from flm_jax.partitioning import MeshLayout, replicated
 from flm_jax.step import lm_loss
 
@@ -38,14 +39,20 @@ def init_state(params: Any, tx: optax.GradientTransformation, shardings: TrainSt
             "opt_state": opt_state}
 
 
-def make_train_step(config: TeleFLMConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    layout: MeshLayout, num_microbatches: int = 1, z_loss: float = 0.0):
-    """state, batch -> state, metrics. With microbatches, gradients are summed over equal slices of the batch,
-    each normalised by the whole batch's token count, so the update equals the full-batch one."""
+def growth_masks(config: TeleFLMConfig, growth: dict | None, step):
+    """MSG masks at this (traced) step, or None for a plain model."""
+    return None if growth is None else build_masks(growth, config, ramp_value(growth, step))
 
-    def grads_of(params, batch, num_tokens):
+
+def make_train_step(config: TeleFLMConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    layout: MeshLayout, num_microbatches: int = 1, z_loss: float = 0.0, growth: dict | None = None):
+    """state, batch -> state, metrics. With microbatches, gradients are summed over equal slices of the batch,
+    each normalised by the whole batch's token count, so the update equals the full-batch one. `growth` (MSG
+    state from checkpoint metadata) masks new structure with the ramp value of the traced step."""
+
+    def grads_of(params, batch, num_tokens, masks):
         def loss_fn(p, mb):
-            loss, aux = lm_loss(p, mb, config, z_loss, normaliser=num_tokens)
+            loss, aux = lm_loss(p, mb, config, z_loss, normaliser=num_tokens, masks=masks)
             return loss, aux["nll_sum"]
 
         if num_microbatches == 1:
@@ -64,22 +71,25 @@ def make_train_step(config: TeleFLMConfig, tx: optax.GradientTransformation, sch
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         with nn.logical_axis_rules(layout.flax_rules()):
             num_tokens = jnp.maximum(batch["loss_weights"].sum(), 1.0)
-            loss, nll_sum, grads = grads_of(state["params"], batch, num_tokens)
+            masks = growth_masks(config, growth, state["step"])
+            loss, nll_sum, grads = grads_of(state["params"], batch, num_tokens, masks)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "nll": nll_sum / num_tokens, "grad_norm": optax.global_norm(grads),
                    "lr": schedule(state["step"]), "num_tokens": num_tokens}
+        if growth is not None:
+            metrics["growth_mask"] = ramp_value(growth, state["step"])
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step
 
 
-def make_eval_step(config: TeleFLMConfig, layout: MeshLayout):
-    """params, batch -> (summed NLL in nats, number of target tokens)."""
+def make_eval_step(config: TeleFLMConfig, layout: MeshLayout, growth: dict | None = None):
+    """params, batch, step -> (summed NLL in nats, number of target tokens)."""
 
-    def eval_step(params, batch):
+    def eval_step(params, batch, step):
         with nn.logical_axis_rules(layout.flax_rules()):
-            _, aux = lm_loss(params, batch, config)
+            _, aux = lm_loss(params, batch, config, masks=growth_masks(config, growth, step))
         return aux["nll_sum"], aux["num_tokens"]
 
     return eval_step

@@ -1,5 +1,6 @@
 """TeleFLMConfig validation, the released sizes through `flm_jax.plan`, and every shipped gin file."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -95,6 +96,14 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
         plan = make_plan(cfg, MeshLayout(), batch_size=run.batch_size, seq_len=run.seq_len,
                          num_microbatches=run.num_microbatches)
         assert plan["params_total"] == cfg.params_total()
+    elif folder == "sweeps":  # configs of the experiment scripts that define their configurables
+        script = {"mup_transfer_full.gin": "mup_transfer", "loss_prediction_full.gin": "loss_prediction"}[Path(path).name]
+        spec = importlib.util.spec_from_file_location(script, REPO_ROOT / "experiments" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        gin.parse_config_file(str(REPO_ROOT / path))
+        sweep = {"mup_transfer": "TransferSweep", "loss_prediction": "PredictionSweep"}[script]
+        assert getattr(module, sweep)() != getattr(module, "QUICK")  # the file's values took effect
     else:
         pytest.fail(f"no abstract build check for gin/{folder}/: add one to this test")
     jax.clear_caches()

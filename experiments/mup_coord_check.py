@@ -1,0 +1,93 @@
+"""μP coordinate check: activation RMS per layer after a few Adam steps, across widths, under μP and SP.
+
+    python experiments/mup_coord_check.py --out DIR
+
+Writes DIR/coord_check.json and DIR/coord_check.png. `mup_max_ratio` / `sp_max_ratio`: over every recorded
+activation (embedding, each layer's attention output, MLP output and residual stream, logits), the largest
+max(r, 1/r) with r = RMS at the widest width / RMS at the narrowest. Under μP activations stay O(1) as width grows
+(ratio near 1); under standard parametrisation the Adam updates make them grow with width.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flm_jax.config import TeleFLMConfig  # noqa: E402
+from flm_jax.optim import OptimizerConfig  # noqa: E402
+from flm_jax.sweep import draw_batches, run, width_config  # noqa: E402
+
+WIDTHS = (128, 256, 512, 1024)  # an 8x range
+BASE = TeleFLMConfig(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=128, input_mult=1.0, output_mult=1.0,
+                     remat_policy="none")
+
+
+def coord_check(steps: int, lr: float, seeds: int) -> dict:
+    batches = draw_batches("flm_default", "train", steps + 1, batch_size=4, seq_len=64, seed=1)
+    optimizer = OptimizerConfig(peak_learning_rate=lr, warmup_steps=0, schedule="constant", weight_decay=0.0)
+    results = {}
+    for name, mup in (("mup", True), ("sp", False)):
+        per_width = {}
+        for width in WIDTHS:
+            cfg = width_config(BASE, width, base_width=WIDTHS[0], head_dim=32, mup=mup)
+            runs = [run(cfg, optimizer, batches[:steps], probe=batches[-1], seed=s).activation_rms
+                    for s in range(seeds)]
+            per_width[width] = {k: [sum(r[k][i] for r in runs) / seeds for i in range(len(runs[0][k]))]
+                                for k in runs[0]}
+            print(f"{name} width {width}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in per_width[width].items()),
+                  flush=True)
+        ratios = {}
+        for key, values in per_width[WIDTHS[-1]].items():
+            for layer, wide in enumerate(values):
+                r = wide / per_width[WIDTHS[0]][key][layer]
+                ratios[f"{key}[{layer}]" if len(values) > 1 else key] = max(r, 1 / r)
+        results[name] = {"rms": {str(w): v for w, v in per_width.items()}, "ratios": ratios,
+                         "max_ratio": max(ratios.values())}
+    return {"widths": list(WIDTHS), "steps": steps, "learning_rate": lr, "seeds": seeds,
+            "mup_max_ratio": results["mup"]["max_ratio"], "sp_max_ratio": results["sp"]["max_ratio"],
+            "mup": results["mup"], "sp": results["sp"]}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(result["mup"]["rms"][str(result["widths"][0])])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, name in zip(axes, ("mup", "sp")):
+        for key in keys:
+            layers = len(result[name]["rms"][str(result["widths"][0])][key])
+            for layer in range(layers):
+                ys = [result[name]["rms"][str(w)][key][layer] for w in result["widths"]]
+                ax.plot(result["widths"], ys, marker="o", label=f"{key}" + (f"[{layer}]" if layers > 1 else ""))
+        ax.set(xscale="log", yscale="log", xlabel="width (hidden size)", title=f"{name.upper()}: max ratio "
+               f"{result[name]['max_ratio']:.2f} after {result['steps']} Adam steps")
+    axes[0].set_ylabel("activation RMS")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--seeds", type=int, default=2)
+    args = p.parse_args()
+    out = Path(args.out)
+    os.makedirs(out, exist_ok=True)
+    result = coord_check(args.steps, args.lr, args.seeds)
+    (out / "coord_check.json").write_text(json.dumps(result, indent=1))
+    plot(result, out / "coord_check.png")
+    print(json.dumps({k: result[k] for k in ("mup_max_ratio", "sp_max_ratio")}))
+
+
+if __name__ == "__main__":
+    main()
