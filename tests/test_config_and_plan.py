@@ -16,6 +16,7 @@ from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.params import boxed_abstract_params, count_params
 from flm_jax.partitioning import MeshLayout
 from flm_jax.plan import make_plan
+from flm_jax.train import TrainConfig  # registers the training configurables that experiment gin files bind
 
 
 def run_plan(*args):
@@ -70,6 +71,12 @@ def test_counts_and_flops():
     assert cfg.flops_per_token(32) == 6 * matmul + 12 * 3 * 4 * 16 * 32
 
 
+GROWTH_SOURCES = {  # growth gin -> ([source model gin, earlier growth gins...], target model gin or None)
+    "52b_to_102b.gin": (["gin/models/52b.gin"], "gin/models/102b.gin"),
+    "102b_to_1t.gin": (["gin/models/102b.gin"], "gin/models/1t.gin"),
+    "tiny_52b_to_102b.gin": (["gin/experiments/tiny_pretrain.gin"], None),
+    "tiny_102b_to_1t.gin": (["gin/experiments/tiny_pretrain.gin", "gin/growth/tiny_52b_to_102b.gin"], None),
+}
 GIN_FILES = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "gin").rglob("*.gin"))
 
 
@@ -88,7 +95,6 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
         assert plan["params_per_device"] * plan["num_devices"] >= plan["params_total"]
     elif folder == "experiments":  # a whole run's config: model, mesh, training and optimizer settings
         from flm_jax.optim import OptimizerConfig
-        from flm_jax.train import TrainConfig
 
         gin.parse_config_file(str(REPO_ROOT / path))
         cfg, run = TeleFLMConfig(), TrainConfig()
@@ -96,6 +102,27 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
         plan = make_plan(cfg, MeshLayout(), batch_size=run.batch_size, seq_len=run.seq_len,
                          num_microbatches=run.num_microbatches)
         assert plan["params_total"] == cfg.params_total()
+    elif folder == "growth":  # the source model grows into the target shape, planned abstractly
+        from flm_jax.growth import GrowthSpec, target_config
+
+        (source, *earlier), target = GROWTH_SOURCES[Path(path).name]
+        gin.parse_config_file(str(REPO_ROOT / source))
+        src = TeleFLMConfig()
+        for growth in earlier:  # a chain of stages: each grows the previous result
+            gin.clear_config()
+            gin.parse_config_file(str(REPO_ROOT / growth))
+            src = target_config(src, GrowthSpec())
+        gin.clear_config()
+        gin.parse_config_file(str(REPO_ROOT / path))
+        grown = target_config(src, GrowthSpec())
+        if target:
+            gin.clear_config()
+            gin.parse_config_file(str(REPO_ROOT / target))
+            for field in ("hidden_size", "num_attention_heads", "intermediate_size", "num_hidden_layers", "vocab_size"):
+                assert getattr(grown, field) == getattr(TeleFLMConfig(), field), field
+        assert grown.head_dim == src.head_dim
+        plan = make_plan(grown, MeshLayout())
+        assert plan["params_total"] == grown.params_total() > src.params_total()
     elif folder == "sweeps":  # configs of the experiment scripts that define their configurables
         script = {"mup_transfer_full.gin": "mup_transfer", "loss_prediction_full.gin": "loss_prediction"}[Path(path).name]
         spec = importlib.util.spec_from_file_location(script, REPO_ROOT / "experiments" / f"{script}.py")

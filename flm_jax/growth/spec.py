@@ -42,6 +42,7 @@ class GrowthSpec:
     ramp_steps: int = 100  # MSG: steps of the next run over which masks go 0 -> 1
     seed: int = 0
     tolerance: float = 1e-3  # refuse to write when max |Δlogit| on the probe batch exceeds this
+    expect_source: dict | None = None  # e.g. {"hidden_size": 256}: refuse a source checkpoint of another shape
 
     def __post_init__(self):
         checks = (("mode", MODES), ("hidden_method", WIDTH_METHODS), ("ffn_method", WIDTH_METHODS),
@@ -58,6 +59,11 @@ class GrowthSpec:
 
 def target_config(src: TeleFLMConfig, spec: GrowthSpec) -> TeleFLMConfig:
     """The grown model's config; raises ConfigError for shrinking, a head_dim change or broken kv groups."""
+    for name, value in (spec.expect_source or {}).items():
+        if getattr(src, name) != value:
+            raise ConfigError(f"The source checkpoint has {name}={getattr(src, name)} but this growth expects "
+                              f"{value} (GrowthSpec.expect_source): it was written for another model. Grow the "
+                              "checkpoint it was written for, or fix the growth gin file.")
     d, D = src.hidden_size, spec.hidden_size or src.hidden_size
     H = spec.num_attention_heads or src.num_attention_heads
     sizes = {"hidden_size": D, "intermediate_size": spec.intermediate_size or src.intermediate_size,

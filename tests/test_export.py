@@ -1,0 +1,297 @@
+"""Hugging Face export and import, checked against the real consumer: transformers loads the llama export offline and
+its logits, greedy tokens and tokenizer must match flm_jax's; both layouts import back bit for bit."""
+
+import gzip
+import json
+import shutil
+import types
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from flm_jax import export as export_mod
+from flm_jax import generate as generate_mod
+from flm_jax import import_hf as import_mod
+from flm_jax.checkpoint import Checkpointer, make_metadata
+from flm_jax.checkpoint_reader import CheckpointReader, GrowthRampError, growth_masks, plain_source, read_params
+from flm_jax.cli import REPO_ROOT
+from flm_jax.export import export
+from flm_jax.generate import generate
+from flm_jax.hf_tokenizer import CHECK_TEXTS, default_tokenizer_path
+from flm_jax.hf_weights import INDEX_FILE
+from flm_jax.import_hf import HFImportError, import_hf
+from flm_jax.model import TeleFLM
+from flm_jax.partitioning import make_mesh
+from flm_jax.train import StateSpec, TrainConfig, train
+from tests.test_train import MODEL, SINGLE, assert_trees_equal
+
+# GQA and a power-of-two input multiplier on top of test_train's μP model (logits x 0.5 / 2.0): folding and
+# unfolding powers of two is exact, so the llama round trip can be bitwise.
+CONFIG = MODEL.replace(num_key_value_heads=2, input_mult=2.0)
+RUN = TrainConfig(steps=2, batch_size=8, seq_len=32, log_every=1, eval_tasks=(), checkpoint_every=2)
+
+
+def restore_state(workdir, config=CONFIG):
+    mesh = make_mesh(SINGLE, jax.devices()[:1])
+    ckpt = Checkpointer(workdir)
+    state, data_state, meta = ckpt.restore(ckpt.latest_step(), StateSpec.build(config, mesh, SINGLE, 1).abstract)
+    ckpt.close()
+    return state, data_state, meta
+
+
+def save_copy(workdir, state, **metadata_changes):
+    """The trained state saved into another workdir with changed metadata (growth state, model config)."""
+    config = CONFIG.replace(**metadata_changes.pop("config", {}))
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(int(state["step"]), state, {}, make_metadata(config, **metadata_changes), force=True)
+    ckpt.close()
+
+
+def hf_model(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32).eval()
+
+
+def hf_logits(path, tokens):
+    with torch.no_grad():
+        return hf_model(path)(torch.tensor(np.asarray(tokens))).logits.numpy()
+
+
+def flm_logits(params, config, tokens):
+    return np.asarray(TeleFLM(config).apply({"params": params}, np.asarray(tokens)))
+
+
+def safetensors_dict(folder):
+    files = sorted(folder.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    train(workdir, RUN, CONFIG, SINGLE)
+    state, _, _ = restore_state(workdir)
+    tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 48))
+    return types.SimpleNamespace(workdir=workdir, state=state, params=state["params"], tokens=tokens,
+                                 logits=flm_logits(state["params"], CONFIG, tokens))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama")
+    export(run.workdir, out, "llama")
+    return out
+
+
+@pytest.fixture(scope="module")
+def teleflm_dir(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teleflm")
+    export(run.workdir, out, "teleflm")
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sharded")
+    export(run.workdir, out, "llama", max_shard_size="200KB", tokenizer="none")
+    return out
+
+
+def test_llama_export_logits_equal_flm_jax_in_transformers(run, llama_dir):
+    config = json.loads((llama_dir / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is False
+    assert config["rope_theta"] == CONFIG.rope_theta and config["num_key_value_heads"] == 2
+    theirs = hf_logits(llama_dir, run.tokens)
+    diff = float(np.abs(theirs - run.logits).max())
+    print(f"max |logit diff| flm_jax vs transformers (float32): {diff:.3g}")
+    assert diff < 1e-4
+    assert np.abs(run.logits).max() > 1e-2  # not trivially zero
+
+
+def test_teleflm_export_equals_llama_export_after_multipliers(llama_dir, teleflm_dir):
+    config = json.loads((teleflm_dir / "config.json").read_text())
+    assert config["model_type"] == "TeleFLM" and config["architectures"] == ["TeleFLMForCausalLM"]
+    assert {k: config[k] for k in ("use_mup", "input_mult", "output_mult", "mup_scale_factor")} == {
+        "use_mup": True, "input_mult": 2.0, "output_mult": 0.5, "mup_scale_factor": 2.0}
+    tele, llama = safetensors_dict(teleflm_dir), safetensors_dict(llama_dir)
+    assert sorted(tele) == sorted(llama) and len(tele) == 3 + 9 * CONFIG.num_hidden_layers
+    assert "model.layers.1.self_attn.o_proj.weight" in tele and "lm_head.weight" in tele
+    factors = {"model.embed_tokens.weight": np.float32(2.0), "lm_head.weight": np.float32(0.5 / 2.0)}
+    for name, w in tele.items():
+        np.testing.assert_array_equal(w * factors.get(name, np.float32(1)), llama[name], err_msg=name)
+    assert not np.array_equal(tele["lm_head.weight"], llama["lm_head.weight"])
+
+
+def test_greedy_generation_identical_in_transformers(run, llama_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir), local_files_only=True)
+    prompt = tokenizer("In the beginning God created")["input_ids"]
+    ours = generate(run.params, CONFIG, np.asarray([prompt]), 20, eos_id=CONFIG.eos_token_id)[0].tolist()
+    with torch.no_grad():
+        theirs = hf_model(llama_dir).generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
+    theirs = theirs[0, len(prompt):].tolist()
+    if CONFIG.eos_token_id in ours:  # transformers stops at EOS; flm_jax pads after it
+        ours = ours[:ours.index(CONFIG.eos_token_id) + 1]
+    print("greedy tokens:", ours)
+    assert ours == theirs and len(ours) == 20
+
+
+def test_exported_tokenizer_matches_sentencepiece(llama_dir):
+    from transformers import AutoTokenizer
+
+    from flm_jax.data import TOKENIZER_PATH, load_sentencepiece
+
+    assert default_tokenizer_path().resolve() == REPO_ROOT.joinpath(TOKENIZER_PATH).resolve()
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_dir), local_files_only=True)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    sp = load_sentencepiece()
+    texts = list(CHECK_TEXTS)
+    for domain in ("prose", "code"):
+        with gzip.open(REPO_ROOT / f"flm_jax/data/assets/{domain}.jsonl.gz", "rt", encoding="utf-8") as f:
+            docs = [r["text"] for r in map(json.loads, f) if r["split"] == "validation"]
+        texts += [d[:3000] for d in docs[:15]]
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert ids == [1] + sp.encode(text), text[:80]
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def as_bin_folder(folder, out):
+    """The same model with its weights in pytorch_model.bin (tensors only: loadable with weights_only=True)."""
+    out.mkdir()
+    shutil.copy(folder / "config.json", out)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as st:
+        torch.save({k: st.get_tensor(k) for k in st.keys()}, out / "pytorch_model.bin")
+    return out
+
+
+@pytest.mark.parametrize("source", ["llama", "teleflm", "teleflm_bin"])
+def test_round_trip_is_bitwise_identical(run, sharded_dir, teleflm_dir, tmp_path, source):
+    # The llama side reads a sharded folder; teleflm_bin reads pytorch_model.bin through weights-only loading.
+    folder = {"llama": sharded_dir, "teleflm": teleflm_dir,
+              "teleflm_bin": as_bin_folder(teleflm_dir, tmp_path / "bin")}[source]
+    workdir = tmp_path / "work"
+    config = import_hf(folder, workdir)
+    assert config.hf_fields() == CONFIG.hf_fields()
+    state, data_state, meta = restore_state(workdir, config)
+    assert_trees_equal(run.params, state["params"])
+    assert int(state["step"]) == 0 and data_state == {}
+    assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(state["opt_state"]))
+    assert meta["model_config"]["output_mult"] == 0.5 and meta["imported_from"]["format"] == source.split("_")[0]
+    assert "TeleFLMConfig.num_key_value_heads = 2" in (workdir / "config.gin").read_text()
+    if source == "llama":  # training continues from the import (fresh data stream, fresh Adam state)
+        last = train(workdir, TrainConfig(steps=1, batch_size=8, seq_len=32, eval_tasks=()), config, SINGLE)
+        assert np.isfinite(last["loss"])
+        assert Checkpointer(workdir).latest_step() == 1
+
+
+def test_sharded_export_writes_an_index_and_loads(run, sharded_dir):
+    index = json.loads((sharded_dir / INDEX_FILE).read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 2 and all((sharded_dir / f).is_file() for f in files)
+    assert len(index["weight_map"]) == 3 + 9 * CONFIG.num_hidden_layers
+    assert index["metadata"]["total_size"] == sum(w.nbytes for w in safetensors_dict(sharded_dir).values())
+    assert np.abs(hf_logits(sharded_dir, run.tokens) - run.logits).max() < 1e-4
+
+
+def test_bfloat16_export_is_the_rounded_float32_export(run, llama_dir, tmp_path):
+    export(run.workdir, tmp_path, "llama", dtype="bfloat16", tokenizer="none")
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as bf, \
+            safe_open(str(llama_dir / "model.safetensors"), framework="pt") as f32:
+        for name in f32.keys():
+            assert bf.get_tensor(name).dtype == torch.bfloat16
+            assert torch.equal(bf.get_tensor(name), f32.get_tensor(name).to(torch.bfloat16)), name
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", r"missing: model\.layers\.1\.mlp\.up_proj\.weight"),
+    ("shape", r"wrong shape: model\.layers\.0\.self_attn\.k_proj\.weight \[16, 64\] \(expected \[32, 64\]\)"),
+    ("unexpected", r"unexpected: model\.layers\.0\.self_attn\.q_proj\.bias"),
+])
+def test_import_names_missing_and_misshapen_tensors(llama_dir, tmp_path, damage, message):
+    broken = tmp_path / "hf"
+    broken.mkdir()
+    shutil.copy(llama_dir / "config.json", broken)
+    tensors = safetensors_dict(llama_dir)
+    if damage == "missing":
+        del tensors["model.layers.1.mlp.up_proj.weight"]
+    elif damage == "shape":
+        tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+    else:
+        tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(HFImportError, match=message):
+        import_hf(broken, tmp_path / "work")
+    assert not (tmp_path / "work" / "checkpoints").exists()
+
+
+def test_export_reads_stacked_arrays_one_layer_at_a_time(run, tmp_path, monkeypatch):
+    reader = CheckpointReader(run.workdir)
+    stacked = ["self_attn/q_proj", "mlp/down_proj", "input_layernorm/scale"]
+    assert all(reader.layer_chunked(("layers",) + tuple(p.split("/"))) for p in stacked)
+    whole_reads, lines = [], []
+    original = CheckpointReader.read
+    monkeypatch.setattr(CheckpointReader, "read", lambda self, path: whole_reads.append(path) or original(self, path))
+    summary = export(run.workdir, tmp_path, "teleflm", tokenizer="none", progress=lines.append)
+    assert sorted(whole_reads) == [("embed_tokens",), ("lm_head",), ("norm", "scale")]
+    assert sum("layer" in line and "written" in line for line in lines) == CONFIG.num_hidden_layers
+    assert summary["peak_rss_mib"] > 0 and summary["files"] == ["model.safetensors"]
+
+
+def test_growth_masks_mid_ramp_are_refused_and_masks_at_0_use_the_growth_hook(run, tmp_path, monkeypatch,
+                                                                                 capsys):
+    save_copy(tmp_path / "ramp", run.state, growth={"mask": 0.3})
+    with pytest.raises(SystemExit):
+        export_mod.main([f"--workdir={tmp_path / 'ramp'}", f"--out={tmp_path / 'out'}", "--tokenizer=none"])
+    assert "middle of a growth mask ramp (mask [0.3])" in capsys.readouterr().err
+    # The MSG ramp state flm_jax.growth writes: m = clip((step - start) / ramp_steps, 0, 1) at the checkpoint step.
+    assert growth_masks({"growth": {"start_step": 0, "ramp_steps": 10}}, 2) == [0.2]
+    assert growth_masks({"growth": {"start_step": 0, "ramp_steps": 2}}, 2) == [1.0]
+    assert growth_masks({"growth": {"masks": {"hidden": 0.0, "layers": [0.0, 1.0]}}}, 5) == [0.0, 0.0, 1.0]
+    assert growth_masks({}, 5) == []
+
+    def fake(metadata):
+        return types.SimpleNamespace(metadata=metadata, step=2)
+
+    plain = fake({"growth": {"mask": 1.0}})
+    assert plain_source(plain) is plain  # masks at 1: the plain grown model as stored
+    import flm_jax.growth
+
+    folded = object()
+    monkeypatch.setattr(flm_jax.growth, "fold_for_export", lambda reader: folded, raising=False)
+    assert plain_source(fake({"growth": {"mask": 0.0}})) is folded
+    monkeypatch.delattr(flm_jax.growth, "fold_for_export")
+    with pytest.raises(GrowthRampError, match="fold_for_export"):
+        plain_source(fake({"growth": {"mask": 0.0}}))
+
+
+def test_rms_norm_scale_is_folded_into_the_norm_gains(run, tmp_path):
+    config = CONFIG.replace(rms_norm_scale=0.5)
+    save_copy(tmp_path / "scaled", run.state, config={"rms_norm_scale": 0.5})
+    export(tmp_path / "scaled", tmp_path / "hf", "llama", tokenizer="none")
+    ours = flm_logits(run.params, config, run.tokens)
+    assert np.abs(hf_logits(tmp_path / "hf", run.tokens) - ours).max() < 1e-4
+    assert np.abs(ours - run.logits).max() > 1e-3  # the scale matters
+
+
+def test_command_lines_import_plain_llama_and_generate(run, llama_dir, tmp_path, capsys):
+    import_mod.main([f"--hf_dir={llama_dir}", f"--workdir={tmp_path}", "--use_mup=false"])
+    assert "use_mup=False" in capsys.readouterr().out
+    reader = CheckpointReader(tmp_path)
+    assert reader.step == 0 and not reader.config.use_mup
+    # The plain model holds the folded weights and computes the same function as the μP original.
+    assert np.abs(flm_logits(read_params(reader), reader.config, run.tokens) - run.logits).max() < 1e-5
+    generate_mod.main([f"--workdir={run.workdir}", "--prompt=In the beginning", "--max_new_tokens=8",
+                       "--temperature=0.8"])
+    assert capsys.readouterr().out.startswith("In the beginning")
