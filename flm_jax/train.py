@@ -158,10 +158,7 @@ def train(workdir: str | Path, train_cfg: TrainConfig | None = None, model_cfg: 
     else:
         params = init_params(model_cfg, mesh, layout, jax.random.key(train_cfg.seed))
         state, data_state = init_state(params, spec.tx, spec.shardings), {}
-    # An empty data state (a new run, or a checkpoint made by import_hf) starts the configured stream.
-    batches = (data.BatchIterator.from_state(data_state) if data_state else
-               data.BatchIterator(train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len,
-                                  train_cfg.seed))
+    batches = resume_batches(train_cfg, data_state, int(state["step"]))
     metadata = make_metadata(model_cfg, **{k: v for k, v in saved_meta.items()
                                            if k not in ("format", "model_config", "layer_stack")})
     step = int(state["step"])
@@ -176,6 +173,21 @@ def train(workdir: str | Path, train_cfg: TrainConfig | None = None, model_cfg: 
         ckpt.wait()
         ckpt.close()
         loop.writer.close()
+
+
+def resume_batches(train_cfg: TrainConfig, data_state: dict, step: int) -> data.BatchIterator:
+    """Continue the checkpoint's data stream. An empty state (a new run, an import_hf checkpoint) starts the
+    configured stream; a stream of another mixture, batch size or length (a new stage after growth) is replaced by
+    a fresh one seeded with seed + step, so it does not replay the batches already seen."""
+    if data_state and (data_state.get("name"), data_state.get("batch_size"), data_state.get("seq_len")) == (
+            train_cfg.mixture, train_cfg.batch_size, train_cfg.seq_len):
+        return data.BatchIterator.from_state(data_state)
+    if data_state:
+        print(f"The data stream changed ({data_state.get('name')}, batch {data_state.get('batch_size')} x "
+              f"{data_state.get('seq_len')} -> {train_cfg.mixture}, batch {train_cfg.batch_size} x "
+              f"{train_cfg.seq_len}): starting a fresh stream.", flush=True)
+    return data.BatchIterator(train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len,
+                              train_cfg.seed + step)
 
 
 class TrainLoop:

@@ -295,3 +295,18 @@ def test_command_lines_import_plain_llama_and_generate(run, llama_dir, tmp_path,
     generate_mod.main([f"--workdir={run.workdir}", "--prompt=In the beginning", "--max_new_tokens=8",
                        "--temperature=0.8"])
     assert capsys.readouterr().out.startswith("In the beginning")
+
+
+def test_grown_checkpoint_at_mask_0_exports_to_the_sources_logits(run, llama_dir, tmp_path):
+    """MSG growth (hidden, heads, FFN, layers) at mask 0, folded by flm_jax.growth.fold_for_export: transformers
+    computes the source model's logits from the bigger exported model."""
+    from flm_jax.grow import grow_checkpoint
+    from flm_jax.growth import GrowthSpec
+
+    spec = GrowthSpec(hidden_size=96, num_attention_heads=6, intermediate_size=160, num_hidden_layers=3, mode="msg")
+    grow_checkpoint(run.workdir, tmp_path / "grown", spec, SINGLE)
+    export(tmp_path / "grown", tmp_path / "hf", "llama", tokenizer="none")
+    grown = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (grown["hidden_size"], grown["num_hidden_layers"]) == (96, 3)
+    np.testing.assert_allclose(hf_logits(tmp_path / "hf", run.tokens), hf_logits(llama_dir, run.tokens),
+                               atol=1e-4 * np.abs(run.logits).max())

@@ -228,3 +228,78 @@ def test_bad_growths_are_refused_with_the_fix():
         target_config(SRC, GrowthSpec(hidden_size=320, num_attention_heads=40, expect_source={"hidden_size": 256}))
     with pytest.raises(ConfigError, match=r"MSG mode grows with new, masked units"):
         GrowthSpec(hidden_size=64, hidden_method="duplicate", mode="msg")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from tests.test_train import MODEL, SINGLE, bind_fast_optimizer
+    from flm_jax.train import TrainConfig, train
+
+    workdir = tmp_path_factory.mktemp("source")
+    bind_fast_optimizer()
+    train(workdir, TrainConfig(steps=2, batch_size=8, seq_len=32, eval_tasks=()), MODEL, SINGLE)
+    return workdir
+
+
+GROW_GIN = """
+GrowthSpec.hidden_size = 96
+GrowthSpec.num_attention_heads = 6
+GrowthSpec.intermediate_size = 192
+GrowthSpec.num_hidden_layers = 3
+GrowthSpec.mode = "msg"
+GrowthSpec.ramp_steps = 2
+MeshLayout.mesh_shape = {"data": 1}
+"""
+
+
+def test_grow_entry_point_writes_a_run_that_train_continues_through_the_ramp(trained, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from flm_jax.checkpoint import Checkpointer
+    from flm_jax.cli import REPO_ROOT
+
+    (tmp_path / "grow.gin").write_text(GROW_GIN)
+    dst = tmp_path / "grown"
+    env = dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", "flm_jax.grow", f"--gin_file={tmp_path / 'grow.gin'}",
+                          f"--from_workdir={trained}", f"--workdir={dst}"], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((dst / "growth.json").read_text())
+    assert report["step"] == 2 and report["max_abs_dlogit"] < 1e-4 and abs(report["dloss"]) < 1e-5
+    assert "max |Δlogit|" in out.stdout and report["target_params"] > report["source_params"]
+    # The source was trained in-process with explicit configs, so its config.gin holds no TrainConfig: pass it.
+    run_flags = ["--gin.TrainConfig.steps=5", "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=32",
+                 "--gin.TrainConfig.eval_tasks=()", "--gin.TrainConfig.log_every=1"]
+    out = subprocess.run([sys.executable, "-m", "flm_jax.train", f"--workdir={dst}", *run_flags],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in (dst / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 4, 5]
+    assert [r.get("growth_mask") for r in records] == [0.0, 0.5, None]  # ramp 0 -> 1, then folded away
+    ckpt = Checkpointer(dst)
+    assert ckpt.latest_step() == 5 and "growth" not in ckpt.metadata(5)  # a plain model again
+    assert ckpt.metadata(5)["model_config"]["hidden_size"] == 96
+
+
+def test_grow_refusals_write_nothing(trained, tmp_path):
+    from flm_jax.grow import grow_checkpoint
+    from tests.test_train import SINGLE
+
+    spec = GrowthSpec(hidden_size=96, num_attention_heads=6, mode="msg")
+    with pytest.raises(ConfigError, match="smaller than the source's"):
+        grow_checkpoint(trained, tmp_path / "a", GrowthSpec(intermediate_size=8), SINGLE)
+    with pytest.raises(ConfigError, match="changes head_dim"):
+        grow_checkpoint(trained, tmp_path / "a", GrowthSpec(hidden_size=96, num_attention_heads=4), SINGLE)
+    with pytest.raises(ConfigError, match=r"max \|Δlogit\| .* > GrowthSpec.tolerance=1e-12. Nothing was written"):
+        grow_checkpoint(trained, tmp_path / "a", GrowthSpec(hidden_size=96, num_attention_heads=6,
+                                                             tolerance=1e-12, duplicate_noise=0.0), SINGLE)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not empty; grow never writes over a run"):
+        grow_checkpoint(trained, tmp_path / "b", spec, SINGLE)
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["notes.txt"]

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 
 from flm_jax.config import TeleFLMConfig
+from flm_jax.growth.fold import fold_for_export
 from flm_jax.growth.layer_selection import select_layers
 from flm_jax.growth.msg import build_masks, growth_state, ramp_done, ramp_value
 from flm_jax.growth.operators import grow_tree, map_adam_moments
@@ -45,5 +46,5 @@ def grow(params: Any, src: TeleFLMConfig, spec: GrowthSpec, rng: jax.Array, opt_
     return GrowthResult(new_params, new_opt, tgt, order, msg)
 
 
-__all__ = ["GrowthResult", "GrowthSpec", "build_masks", "grow", "growth_state", "layer_order", "ramp_done",
+__all__ = ["GrowthResult", "GrowthSpec", "build_masks", "fold_for_export", "grow", "growth_state", "layer_order", "ramp_done",
            "ramp_value", "select_layers", "target_config"]
