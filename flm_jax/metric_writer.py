@@ -15,9 +15,9 @@ import jax
 class MetricWriter:
     """Only process 0 writes; every process may call it."""
 
-    def __init__(self, workdir: str | Path, total_steps: int):
+    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0):
         self.workdir = Path(workdir)
-        self.total_steps = total_steps
+        self.total_steps, self.start_step = total_steps, start_step
         self.active = jax.process_index() == 0
         self.started = time.time()
         self._tb = None
@@ -43,7 +43,7 @@ class MetricWriter:
         if not self.active:
             return
         elapsed = time.time() - self.started
-        done = step / max(self.total_steps, 1)
+        done = (step - self.start_step) / max(self.total_steps - self.start_step, 1)
         eta = elapsed / done * (1 - done) if done > 0 else float("nan")
         print(f"[{step:>6}/{self.total_steps}] {text} | elapsed {_duration(elapsed)} eta {_duration(eta)}",
               flush=True)

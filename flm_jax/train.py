@@ -43,7 +43,7 @@ class TrainConfig:
     seed: int = 0  # parameter init and data order
     z_loss: float = 0.0
     log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end
+    eval_every: int = 0  # evaluate every N steps; always at the first step of a run (the starting point) and the end
     eval_tasks: tuple[str, ...] = ("flm_prose", "flm_code")  # validation loss and BPB per domain
     eval_batch_size: int = 16
     checkpoint_every: int = 100
@@ -166,7 +166,7 @@ def train(workdir: str | Path, train_cfg: TrainConfig | None = None, model_cfg: 
         print(f"Nothing to do: the checkpoint is at step {step} and TrainConfig.steps={train_cfg.steps}.", flush=True)
         ckpt.close()
         return {}
-    loop = TrainLoop(train_cfg, model_cfg, layout, mesh, spec, metadata, workdir)
+    loop = TrainLoop(train_cfg, model_cfg, layout, mesh, spec, metadata, workdir, step)
     try:
         return loop.run(state, batches, ckpt, min(until_step or train_cfg.steps, train_cfg.steps))
     finally:
@@ -193,13 +193,14 @@ def resume_batches(train_cfg: TrainConfig, data_state: dict, step: int) -> data.
 class TrainLoop:
     """The jitted step, evaluation and logging of one run; folds MSG masks away when their ramp ends."""
 
-    def __init__(self, train_cfg, model_cfg, layout, mesh, spec: StateSpec, metadata: dict, workdir: Path):
+    def __init__(self, train_cfg, model_cfg, layout, mesh, spec: StateSpec, metadata: dict, workdir: Path,
+                 start_step: int):
         self.cfg, self.model_cfg, self.layout, self.mesh, self.spec = train_cfg, model_cfg, layout, mesh, spec
         self.metadata = metadata
         self.b_sharding = batch_sharding(mesh, layout)
         self.evaluator = Evaluator(train_cfg.eval_tasks, train_cfg.eval_batch_size, train_cfg.seq_len, model_cfg,
                                    layout, mesh, spec.shardings["params"]) if train_cfg.eval_tasks else None
-        self.writer = MetricWriter(workdir, train_cfg.steps)
+        self.writer = MetricWriter(workdir, train_cfg.steps, start_step)
         self.tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
         self.flops_per_step = model_cfg.flops_per_token(train_cfg.seq_len) * self.tokens_per_step
         self.peak = peak_flops_per_device() * jax.device_count()
