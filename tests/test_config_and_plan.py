@@ -123,6 +123,22 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
         assert grown.head_dim == src.head_dim
         plan = make_plan(grown, MeshLayout())
         assert plan["params_total"] == grown.params_total() > src.params_total()
+    elif folder == "schedules":  # every stage's files exist and the growth chain is valid from stage 1's model
+        from flm_jax.growth import GrowthSpec, target_config
+        from flm_jax.schedule import stages
+
+        gin.parse_config_file(str(REPO_ROOT / path))
+        plan = stages()
+        assert [s["steps"] for s in plan] == sorted({s["steps"] for s in plan})  # the step count runs on
+        gin.clear_config()
+        for f in plan[0]["gin_files"]:
+            gin.parse_config_file(str(REPO_ROOT / f))
+        config = TeleFLMConfig()
+        for stage in plan[1:]:
+            gin.clear_config()
+            gin.parse_config_file(str(REPO_ROOT / stage["growth"]))
+            config = target_config(config, GrowthSpec())
+        assert config.params_total() > 10 * 4_000_000
     elif folder == "sweeps":  # configs of the experiment scripts that define their configurables
         script = {"mup_transfer_full.gin": "mup_transfer", "loss_prediction_full.gin": "loss_prediction"}[Path(path).name]
         spec = importlib.util.spec_from_file_location(script, REPO_ROOT / "experiments" / f"{script}.py")
