@@ -22,9 +22,8 @@ import numpy as np  # noqa: E402
 from scipy.optimize import curve_fit  # noqa: E402
 
 from flm_jax import cli  # noqa: E402
-from flm_jax.config import TeleFLMConfig  # noqa: E402
 from flm_jax.optim import OptimizerConfig  # noqa: E402
-from flm_jax.sweep import draw_batches, run, width_config  # noqa: E402
+from flm_jax.sweep import draw_batches, proxy_config, run  # noqa: E402
 
 
 @gin.configurable
@@ -65,15 +64,12 @@ def main() -> None:
     train = draw_batches("flm_default", "train", sweep.steps, sweep.batch_size, sweep.seq_len, seed=0)
     held_out = draw_batches("flm_default", "validation", sweep.eval_batches, sweep.batch_size, sweep.seq_len, seed=0)
     base_width = sweep.proxy_widths[0]
-    base = TeleFLMConfig(vocab_size=2048, hidden_size=base_width, intermediate_size=base_width * 11 // 4,
-                         num_hidden_layers=sweep.num_layers, num_attention_heads=base_width // sweep.head_dim,
-                         max_position_embeddings=sweep.seq_len, output_mult=1.0, remat_policy="none")
     optimizer = OptimizerConfig(peak_learning_rate=sweep.learning_rate, warmup_steps=sweep.warmup_steps,
                                 schedule="cosine", weight_decay=0.0)
     tokens = sweep.steps * sweep.batch_size * sweep.seq_len
 
     def measure(width):
-        cfg = width_config(base, width, base_width=base_width, head_dim=sweep.head_dim, mup=True)
+        cfg = proxy_config(width, base_width, sweep.num_layers, sweep.head_dim, sweep.seq_len)
         x = cfg.params_non_embedding() if args.x == "params" else cfg.flops_per_token(sweep.seq_len) * tokens
         result = run(cfg, optimizer, train, held_out)
         print(f"width {width:5}  {args.x} {x:.3e}  eval loss {result.eval_loss:.4f}  ({result.seconds:.0f}s)",

@@ -16,14 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flm_jax.config import TeleFLMConfig  # noqa: E402
 from flm_jax.optim import OptimizerConfig  # noqa: E402
-from flm_jax.sweep import draw_batches, run, width_config  # noqa: E402
+from flm_jax.sweep import draw_batches, proxy_config, run  # noqa: E402
 
 WIDTHS = (128, 256, 512, 1024)  # an 8x range
-BASE = TeleFLMConfig(vocab_size=2048, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=128, input_mult=1.0, output_mult=1.0,
-                     remat_policy="none")
+
 
 
 def coord_check(steps: int, lr: float, seeds: int) -> dict:
@@ -33,7 +30,7 @@ def coord_check(steps: int, lr: float, seeds: int) -> dict:
     for name, mup in (("mup", True), ("sp", False)):
         per_width = {}
         for width in WIDTHS:
-            cfg = width_config(BASE, width, base_width=WIDTHS[0], head_dim=32, mup=mup)
+            cfg = proxy_config(width, WIDTHS[0], num_layers=2, head_dim=32, seq_len=64, mup=mup)
             runs = [run(cfg, optimizer, batches[:steps], probe=batches[-1], seed=s).activation_rms
                     for s in range(seeds)]
             per_width[width] = {k: [sum(r[k][i] for r in runs) / seeds for i in range(len(runs[0][k]))]

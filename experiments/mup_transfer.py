@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gin  # noqa: E402
 
 from flm_jax import cli  # noqa: E402
-from flm_jax.config import TeleFLMConfig  # noqa: E402
 from flm_jax.optim import OptimizerConfig  # noqa: E402
-from flm_jax.sweep import draw_batches, run, width_config  # noqa: E402
+from flm_jax.sweep import draw_batches, proxy_config, run  # noqa: E402
 
 
 @gin.configurable
@@ -43,7 +42,7 @@ class TransferSweep:
     eval_batches: int = 16
 
 
-QUICK = TransferSweep(widths=(64, 128, 256), lr_exponents=(-10, -9, -8, -7, -6, -5), steps=60, batch_size=8,
+QUICK = TransferSweep(widths=(64, 128, 256), lr_exponents=(-9, -8, -7, -6, -5), steps=100, batch_size=8,
                       seq_len=128, num_layers=2, warmup_steps=6, eval_batches=4)
 
 
@@ -54,14 +53,11 @@ def runs_of(sweep: TransferSweep) -> list[tuple[str, int, int]]:
 def execute(sweep: TransferSweep, task_index: int, num_tasks: int) -> list[dict]:
     train = draw_batches("flm_default", "train", sweep.steps, sweep.batch_size, sweep.seq_len, seed=0)
     held_out = draw_batches("flm_default", "validation", sweep.eval_batches, sweep.batch_size, sweep.seq_len, seed=0)
-    base = TeleFLMConfig(vocab_size=2048, hidden_size=sweep.widths[0], intermediate_size=sweep.widths[0] * 11 // 4,
-                         num_hidden_layers=sweep.num_layers, num_attention_heads=sweep.widths[0] // sweep.head_dim,
-                         max_position_embeddings=sweep.seq_len, output_mult=1.0, remat_policy="none")
     records = []
     for i, (param, width, exponent) in enumerate(runs_of(sweep)):
         if i % num_tasks != task_index:
             continue
-        cfg = width_config(base, width, base_width=sweep.widths[0], head_dim=sweep.head_dim, mup=param == "mup")
+        cfg = proxy_config(width, sweep.widths[0], sweep.num_layers, sweep.head_dim, sweep.seq_len, param == "mup")
         opt = OptimizerConfig(peak_learning_rate=2.0**exponent, warmup_steps=sweep.warmup_steps, schedule="cosine",
                               weight_decay=0.0)
         result = run(cfg, opt, train, held_out)

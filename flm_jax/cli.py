@@ -66,7 +66,9 @@ def resolve_gin_file(name: str) -> str:
 
 
 def load_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-    import flm_jax  # noqa: F401  (registers every configurable before parsing)
+    # Register every configurable a gin file may bind before parsing (model, mesh, optimizer, training, data
+    # registration, growth); the data package imports TensorFlow (~4 s).
+    from flm_jax import growth, hardware, optim, train_config  # noqa: F401
 
     gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], list(bindings),
                                         finalize_config=False, skip_unknown=False)

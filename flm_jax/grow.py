@@ -17,16 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 
 from flm_jax import cli, data
 from flm_jax.checkpoint import Checkpointer, make_metadata
 from flm_jax.config import ConfigError, TeleFLMConfig
-from flm_jax.growth import GrowthSpec, build_masks, layer_order, target_config
-from flm_jax.growth.msg import growth_state
-from flm_jax.growth.operators import grow_tree, map_adam_moments
+from flm_jax.growth import GrowthSpec, build_masks, grow_trees, growth_state, layer_order, target_config
 from flm_jax.model import TeleFLM
 from flm_jax.partitioning import MeshLayout, make_mesh
 from flm_jax.step import lm_loss
@@ -91,9 +88,7 @@ def grow_checkpoint(src_workdir: str | Path, dst_workdir: str | Path, spec: Grow
     rng = jax.random.key(spec.seed)
 
     def grow_state(params, opt_state):
-        new_params = grow_tree(params, src_cfg, tgt_cfg, spec, order, "params", rng)
-        new_opt = map_adam_moments(opt_state, lambda t, kind: grow_tree(t, src_cfg, tgt_cfg, spec, order, kind, rng))
-        return new_params, new_opt
+        return grow_trees(params, opt_state, src_cfg, tgt_cfg, spec, order, rng)
 
     grow_started = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(layout.flax_rules()):

@@ -10,14 +10,11 @@ from flm_jax.config import TeleFLMConfig
 from flm_jax.losses import cross_entropy
 from flm_jax.model import GrowthMasks, TeleFLM
 
-# A batch is a dict of [batch, length] arrays with these keys (see flm_jax/data for how they are packed).
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_weights")
-
-
 def lm_loss(params: Any, batch: dict[str, jax.Array], config: TeleFLMConfig, z_loss: float = 0.0,
             normaliser: jax.Array | None = None,
             masks: GrowthMasks | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss (token mean unless a normaliser is given) and the summed NLL / token count."""
+    """Loss (token mean unless a normaliser is given) and the summed NLL / token count. `batch` holds [batch,
+    length] arrays inputs, targets, segment_ids, positions and loss_weights (flm_jax/data packs them)."""
     logits_btv = TeleFLM(config).apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
                                        masks)
     return cross_entropy(logits_btv, batch["targets"], batch["loss_weights"], z_loss, normaliser)

@@ -35,6 +35,16 @@ def width_config(base: TeleFLMConfig, width: int, base_width: int, head_dim: int
                         mup_scale_factor=width / base_width if mup else 1.0)
 
 
+def proxy_config(width: int, base_width: int, num_layers: int, head_dim: int, seq_len: int,
+                 mup: bool = True) -> TeleFLMConfig:
+    """A proxy on the embedded corpus's 2048-token vocabulary: FFN 11/4 of the width (Tele-FLM's ~2.7), output_mult
+    1, width_mult = width / base_width under μP."""
+    base = TeleFLMConfig(vocab_size=data.VOCAB_SIZE, hidden_size=base_width, intermediate_size=base_width * 11 // 4,
+                         num_hidden_layers=num_layers, num_attention_heads=base_width // head_dim,
+                         max_position_embeddings=seq_len, output_mult=1.0, remat_policy="none")
+    return width_config(base, width, base_width, head_dim, mup)
+
+
 def draw_batches(name: str, split: str, count: int, batch_size: int, seq_len: int, seed: int = 0) -> list[dict]:
     it = data.BatchIterator(name, split, batch_size, seq_len, seed, shuffle=True, repeat=True)
     return [next(it) for _ in range(count)]

@@ -29,33 +29,8 @@ from flm_jax.metric_writer import MetricWriter
 from flm_jax.optim import make_optimizer
 from flm_jax.params import boxed_abstract_params, init_params, param_shardings
 from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, make_mesh, replicated
+from flm_jax.train_config import TrainConfig
 from flm_jax.train_state import abstract_state, init_state, make_eval_step, make_train_step, state_shardings
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 8  # global, in packed sequences
-    seq_len: int = 256
-    num_microbatches: int = 1  # gradient accumulation inside one step
-    mixture: str = data.DEFAULT_MIXTURE
-    seed: int = 0  # parameter init and data order
-    z_loss: float = 0.0
-    log_every: int = 10
-    eval_every: int = 0  # evaluate every N steps; always at the first step of a run (the starting point) and the end
-    eval_tasks: tuple[str, ...] = ("flm_prose", "flm_code")  # validation loss and BPB per domain
-    eval_batch_size: int = 16
-    checkpoint_every: int = 100
-    max_to_keep: int = 3
-    async_checkpointing: bool = True
-
-    def __post_init__(self):
-        if self.batch_size % self.num_microbatches:
-            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
-                              f"{self.num_microbatches}.")
-        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("TrainConfig.steps, log_every and checkpoint_every must be >= 1.")
 
 
 def resolve_model_config(requested: TeleFLMConfig, metadata: dict | None) -> TeleFLMConfig:

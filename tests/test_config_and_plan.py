@@ -58,7 +58,8 @@ def test_bad_config_fails_at_startup_naming_the_field():
     assert out.returncode != 0
     assert "hidden_size=8192 is not divisible by num_attention_heads=60" in out.stderr
     out = run_plan("--gin_file=gin/models/52b.gin", "--gin_file=gin/meshes/h100_1024.gin",
-                   "--gin.TeleFLMConfig.num_attention_heads=4", "--gin.TeleFLMConfig.num_key_value_heads=4")  # 4 heads, 8-way split
+                   "--gin.TeleFLMConfig.num_attention_heads=4",
+                   "--gin.TeleFLMConfig.num_key_value_heads=4")  # 4 heads cannot split 8 ways
     assert out.returncode != 0
     assert re.search(r"logical axis '(kv_)?heads', size 4\).*TeleFLMConfig\.num_\w+_heads a multiple of 8", out.stderr)
 
@@ -140,7 +141,8 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
             config = target_config(config, GrowthSpec())
         assert config.params_total() > 10 * 4_000_000
     elif folder == "sweeps":  # configs of the experiment scripts that define their configurables
-        script = {"mup_transfer_full.gin": "mup_transfer", "loss_prediction_full.gin": "loss_prediction"}[Path(path).name]
+        scripts = {"mup_transfer_full.gin": "mup_transfer", "loss_prediction_full.gin": "loss_prediction"}
+        script = scripts[Path(path).name]
         spec = importlib.util.spec_from_file_location(script, REPO_ROOT / "experiments" / f"{script}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

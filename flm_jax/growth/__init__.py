@@ -39,12 +39,19 @@ def grow(params: Any, src: TeleFLMConfig, spec: GrowthSpec, rng: jax.Array, opt_
     mesh's out_shardings to grow shard by shard."""
     tgt = target_config(src, spec)
     order = layer_order(src, spec, distances)
-    new_params = grow_tree(params, src, tgt, spec, order, "params", rng)
-    new_opt = None if opt_state is None else map_adam_moments(
-        opt_state, lambda tree, kind: grow_tree(tree, src, tgt, spec, order, kind, rng))
+    new_params, new_opt = grow_trees(params, opt_state, src, tgt, spec, order, rng)
     msg = growth_state(src, order, start_step, spec.ramp_steps) if spec.mode == "msg" else None
     return GrowthResult(new_params, new_opt, tgt, order, msg)
 
 
-__all__ = ["GrowthResult", "GrowthSpec", "build_masks", "fold_for_export", "grow", "growth_state", "layer_order", "ramp_done",
-           "ramp_value", "select_layers", "target_config"]
+def grow_trees(params: Any, opt_state: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSpec, order,
+               rng: jax.Array) -> tuple[Any, Any]:
+    """The array part of `grow` (parameters and Adam moments; opt_state may be None): jit-able."""
+    new_params = grow_tree(params, src, tgt, spec, order, "params", rng)
+    new_opt = None if opt_state is None else map_adam_moments(
+        opt_state, lambda tree, kind: grow_tree(tree, src, tgt, spec, order, kind, rng))
+    return new_params, new_opt
+
+
+__all__ = ["GrowthResult", "GrowthSpec", "build_masks", "fold_for_export", "grow", "grow_trees", "growth_state", "layer_order",
+           "ramp_done", "ramp_value", "select_layers", "target_config"]

@@ -1,0 +1,37 @@
+"""TrainConfig: the settings of one training run (gin-bound; kept apart from the `flm_jax.train` entry point so
+that `python -m flm_jax.train` does not register it twice)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+
+from flm_jax import data
+from flm_jax.config import ConfigError
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 8  # global, in packed sequences
+    seq_len: int = 256
+    num_microbatches: int = 1  # gradient accumulation inside one step
+    mixture: str = data.DEFAULT_MIXTURE
+    seed: int = 0  # parameter init and data order
+    z_loss: float = 0.0
+    log_every: int = 10
+    eval_every: int = 0  # evaluate every N steps; always at the first step of a run (the starting point) and the end
+    eval_tasks: tuple[str, ...] = ("flm_prose", "flm_code")  # validation loss and BPB per domain
+    eval_batch_size: int = 16
+    checkpoint_every: int = 100
+    max_to_keep: int = 3
+    async_checkpointing: bool = True
+
+    def __post_init__(self):
+        if self.batch_size % self.num_microbatches:
+            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
+                              f"{self.num_microbatches}.")
+        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("TrainConfig.steps, log_every and checkpoint_every must be >= 1.")
