@@ -77,8 +77,8 @@ def grow_checkpoint(src_workdir: str | Path, dst_workdir: str | Path, spec: Grow
     try:
         state, data_state, _ = src_ckpt.restore(step, src_spec.abstract)
     except (ValueError, KeyError) as e:  # shapes in the checkpoint disagree with its metadata
-        raise ConfigError(f"{src_workdir} step {step} does not match its own model config "
-                          f"({src_cfg.hidden_size=} ...): {e}") from None
+        raise ConfigError(f"{src_workdir} step {step}: the stored arrays do not match the model config in its "
+                          f"metadata, so it cannot be grown (was the checkpoint edited by hand?): {e}") from None
     src_ckpt.close()
 
     batch = probe_batch(src_cfg)
