@@ -1,18 +1,18 @@
 """Export time and peak host memory against checkpoint size, for a ~110M-parameter model.
 
-    python experiments/export_benchmark.py --out runs/export_benchmark
+    python -m experiments.export_benchmark --out runs/export_benchmark
 
-Writes a randomly initialised μP checkpoint (params + Adam state, saved with flm_jax.checkpoint's one-layer chunks),
-then runs `python -m flm_jax.export` in fresh processes (llama float32, llama bfloat16, teleflm float32) and reads
-each one's peak RSS from its own report. For scale it also measures, in fresh processes, the RSS of the imports
-alone and of reading every parameter into memory at once (what a non-streaming export would hold), and the cost of
-one-layer reads. Writes OUT/export_benchmark.json. `weights_s` / `peak_rss_before_tokenizer_mib`: the streamed
-weights alone; `export_s` / `peak_rss_mib` add the tokenizer step (which imports transformers and torch).
+Writes a randomly initialised μP checkpoint (params + Adam state, saved with flm_jax.training.checkpoint's one-
+layer chunks), then runs `python -m flm_jax.export` in fresh processes (llama float32, llama bfloat16, teleflm
+float32) and reads each one's peak RSS from its own report. For scale it also measures, in fresh processes, the RSS
+of the imports alone and of reading every parameter into memory at once (what a non-streaming export would hold),
+and the cost of one-layer reads. Writes OUT/export_benchmark.json. `weights_s` / `peak_rss_before_tokenizer_mib`:
+the streamed weights alone; `export_s` / `peak_rss_mib` add the tokenizer step (which imports transformers and
+torch).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -21,10 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from flm_jax import cli
+from flm_jax.config import TeleFLMConfig
 
-from flm_jax.config import TeleFLMConfig  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = TeleFLMConfig(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                        num_attention_heads=12, max_position_embeddings=2048, use_mup=True, output_mult=0.5,
@@ -36,16 +36,16 @@ RSS_SNIPPET = "from flm_jax.export import peak_rss_mib; print('PEAK_RSS_MIB', pe
 def write_checkpoint(workdir: Path) -> float:
     import jax
 
-    from flm_jax.checkpoint import Checkpointer, make_metadata
+    from flm_jax.optim import OptimizerConfig
     from flm_jax.params import init_params
     from flm_jax.partitioning import MeshLayout, make_mesh
-    from flm_jax.train import StateSpec
-    from flm_jax.train_state import init_state
+    from flm_jax.training.checkpoint import Checkpointer, make_metadata
+    from flm_jax.training.state import StateSpec, init_state
 
     start = time.time()
     layout = MeshLayout()
     mesh = make_mesh(layout)
-    spec = StateSpec.build(CONFIG, mesh, layout, total_steps=1)
+    spec = StateSpec.build(CONFIG, OptimizerConfig(), mesh, layout, total_steps=1)
     state = init_state(init_params(CONFIG, mesh, layout, jax.random.key(0)), spec.tx, spec.shardings)
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(0, state, {}, make_metadata(CONFIG), force=True)
@@ -71,7 +71,7 @@ def peak_from(stdout: str, pattern: str) -> float:
 
 
 def layer_read_costs(workdir: Path) -> dict:
-    from flm_jax.checkpoint_reader import CheckpointReader
+    from flm_jax.training.checkpoint_reader import CheckpointReader
 
     reader = CheckpointReader(workdir)
     path = ("layers", "mlp", "up_proj")
@@ -90,25 +90,25 @@ def layer_read_costs(workdir: Path) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/export_benchmark")
-    args = p.parse_args()
+    args = cli.parse(p)
     out = Path(args.out).resolve()
     workdir = out / "workdir"
     made = None if (workdir / "checkpoints").is_dir() else write_checkpoint(workdir)
     params = CONFIG.params_total()
     one_layer = CONFIG.params_per_layer() * 4
     result = {
-        "config": CONFIG.hf_fields(), "params": params, "params_float32_mib": params * 4 / 2**20,
+        "config": CONFIG.to_dict(), "params": params, "params_float32_mib": params * 4 / 2**20,
         "one_layer_float32_mib": one_layer / 2**20, "embedding_float32_mib": CONFIG.params_embedding() * 4 / 2**20,
         "checkpoint_on_disk_mib": dir_bytes(workdir / "checkpoints") / 2**20,
         "checkpoint_write_s": made, "cpu_count": os.cpu_count(), "layer_reads": layer_read_costs(workdir),
     }
-    _, stdout = run(["-c", "import flm_jax.export, flm_jax.checkpoint_reader; " + RSS_SNIPPET])
+    _, stdout = run(["-c", "import flm_jax.export, flm_jax.training.checkpoint_reader; " + RSS_SNIPPET])
     result["imports_only_peak_rss_mib"] = peak_from(stdout, r"PEAK_RSS_MIB ([0-9.]+)")
     _, stdout = run(["-c", "import flm_jax.export; from transformers import AutoTokenizer; " + RSS_SNIPPET])
     result["imports_with_transformers_peak_rss_mib"] = peak_from(stdout, r"PEAK_RSS_MIB ([0-9.]+)")
-    _, stdout = run(["-c", "from flm_jax.checkpoint_reader import CheckpointReader, read_params; "
+    _, stdout = run(["-c", "from flm_jax.training.checkpoint_reader import CheckpointReader, read_params; "
                            f"tree = read_params(CheckpointReader({str(workdir)!r})); " + RSS_SNIPPET])
     result["all_params_in_memory_peak_rss_mib"] = peak_from(stdout, r"PEAK_RSS_MIB ([0-9.]+)")
 
@@ -130,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool("export_benchmark", main)

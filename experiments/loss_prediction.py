@@ -2,28 +2,24 @@
 hyperparameters and tokens, fit L(x) = a·x^b + c (x = non-embedding parameters, or training FLOPs), predict a
 wider model's loss at the same token budget, then train that model and compare.
 
-    python experiments/loss_prediction.py --out DIR [--quick] [--x=params|flops] [--gin_file=gin/sweeps/...]
+    python -m experiments.loss_prediction --out DIR [--quick] [--x=params|flops] [--gin_file=gin/sweeps/...]
 
 Writes DIR/prediction.json (`predicted_loss`, `actual_loss`, `relative_error`, the fit and every run) and
 DIR/prediction.png.
 """
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import numpy as np
+from scipy.optimize import curve_fit
 
-import gin  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.optimize import curve_fit  # noqa: E402
-
-from flm_jax import cli  # noqa: E402
-from flm_jax.optim import OptimizerConfig  # noqa: E402
-from flm_jax.sweep import draw_batches, proxy_config, run  # noqa: E402
+import gin
+from flm_jax import cli
+from flm_jax.optim import OptimizerConfig
+from flm_jax.training.short_runs import draw_batches, proxy_config, run
 
 
 @gin.configurable
@@ -50,13 +46,11 @@ def power_law(x, a, b, c):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="5 proxies (d=64..192) -> d=320, a few minutes on a CPU")
     p.add_argument("--x", choices=("params", "flops"), default="params")
-    p.add_argument("--gin_file", action="append", default=[])
-    args = p.parse_args()
-    cli.load_gin(args.gin_file, [])
+    args = cli.parse(p)
     sweep = QUICK if args.quick else PredictionSweep()
     out = Path(args.out)
     os.makedirs(out, exist_ok=True)
@@ -116,4 +110,4 @@ def plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool("loss_prediction", main)

@@ -1,6 +1,6 @@
 """μP coordinate check: activation RMS per layer after a few Adam steps, across widths, under μP and SP.
 
-    python experiments/mup_coord_check.py --out DIR
+    python -m experiments.mup_coord_check --out DIR
 
 Writes DIR/coord_check.json and DIR/coord_check.png. `mup_max_ratio` / `sp_max_ratio`: over every recorded
 activation (embedding, each layer's attention output, MLP output and residual stream, logits), the largest
@@ -8,16 +8,13 @@ max(r, 1/r) with r = RMS at the widest width / RMS at the narrowest. Under μP a
 (ratio near 1); under standard parametrisation the Adam updates make them grow with width.
 """
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from flm_jax.optim import OptimizerConfig  # noqa: E402
-from flm_jax.sweep import draw_batches, proxy_config, run  # noqa: E402
+from flm_jax import cli
+from flm_jax.optim import OptimizerConfig
+from flm_jax.training.short_runs import draw_batches, proxy_config, run
 
 WIDTHS = (128, 256, 512, 1024)  # an 8x range
 
@@ -72,12 +69,12 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seeds", type=int, default=2)
-    args = p.parse_args()
+    args = cli.parse(p)
     out = Path(args.out)
     os.makedirs(out, exist_ok=True)
     result = coord_check(args.steps, args.lr, args.seeds)
@@ -87,4 +84,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool("mup_coord_check", main)

@@ -1,31 +1,26 @@
 """μP learning-rate transfer: sweep the learning rate at several widths under μP and under standard
 parametrisation, on the embedded corpus, and see whether the best learning rate moves with width.
 
-    python experiments/mup_transfer.py --out DIR [--quick]
-    python experiments/mup_transfer.py --out DIR --gin_file=gin/sweeps/mup_transfer_full.gin \
+    python -m experiments.mup_transfer --out DIR [--quick]
+    python -m experiments.mup_transfer --out DIR --gin_file=gin/sweeps/mup_transfer_full.gin \
         [--task_index=I --num_tasks=N]   # a cluster array job: each task runs every N-th run ...
-    python experiments/mup_transfer.py --out DIR --gin_file=gin/sweeps/mup_transfer_full.gin --merge  # ... then
+    python -m experiments.mup_transfer --out DIR --gin_file=gin/sweeps/mup_transfer_full.gin --merge  # ... then
 
 Writes DIR/transfer.json (`lr_grid`, `mup_best_lr`, `sp_best_lr`: width -> best learning rate, the eval losses,
 and `mup_max_shift_steps` / `sp_max_shift_steps`: how many grid steps the best lr moves across widths) and
 DIR/transfer.png.
 """
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import gin  # noqa: E402
-
-from flm_jax import cli  # noqa: E402
-from flm_jax.optim import OptimizerConfig  # noqa: E402
-from flm_jax.sweep import draw_batches, proxy_config, run  # noqa: E402
+import gin
+from flm_jax import cli
+from flm_jax.optim import OptimizerConfig
+from flm_jax.training.short_runs import draw_batches, proxy_config, run
 
 
 @gin.configurable
@@ -104,15 +99,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--quick", action="store_true", help="3 widths x 6 learning rates, ~10 minutes on 2 CPU cores")
-    p.add_argument("--gin_file", action="append", default=[])
     p.add_argument("--task_index", type=int, default=0)
     p.add_argument("--num_tasks", type=int, default=1)
     p.add_argument("--merge", action="store_true", help="combine the part files of an array job")
-    args = p.parse_args()
-    cli.load_gin(args.gin_file, [])
+    args = cli.parse(p)
     sweep = QUICK if args.quick else TransferSweep()
     out = Path(args.out)
     os.makedirs(out, exist_ok=True)
@@ -131,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool("mup_transfer", main)

@@ -1,7 +1,12 @@
-"""flm_jax: the Tele-FLM series (52B -> 102B -> 1T) in JAX/Flax, with μP and progressive growth."""
+"""flm_jax: the Tele-FLM series (52B -> 102B -> 1T) in JAX/Flax, with μP and progressive growth.
+
+The core is flat (config, model, mup, optim, partitioning, params); concerns are packages: data/, training/,
+growth/, hf/, inference/. `python -m flm_jax.<tool>` entry points are thin. docs/architecture.md is the map.
+"""
 
 from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.model import TeleFLM
+from flm_jax.optim import OptimizerConfig
 from flm_jax.partitioning import MeshLayout
 
-__all__ = ["ConfigError", "MeshLayout", "TeleFLM", "TeleFLMConfig"]
+__all__ = ["ConfigError", "MeshLayout", "OptimizerConfig", "TeleFLM", "TeleFLMConfig"]

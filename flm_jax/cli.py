@@ -1,11 +1,16 @@
-"""T5X-style command lines shared by every entry point.
+"""T5X-style command lines shared by every entry point, and the one place where gin becomes config objects.
 
     python -m flm_jax.<tool> --gin_file=A.gin [--gin_file=B.gin ...] [--gin.BINDING=VALUE ...] [tool flags]
 
 `--gin.TeleFLMConfig.hidden_size=512` becomes the gin binding `TeleFLMConfig.hidden_size = 512`. gin files are
 looked up relative to the working directory, then to the repository root, so `gin/models/52b.gin` works anywhere.
 Multi-host runs add `--coordinator_address/--num_processes/--process_id` (or `--multihost` on a TPU pod, where
-jax.distributed finds its peers itself).
+jax.distributed finds its peers itself); then only process 0 prints.
+
+Every tool's main runs under `run_tool`: a user error (a bad config value, a missing file, a refused operation)
+prints one line naming the problem and the fix and exits with status 2; anything else is a bug and keeps its
+traceback. Library code never reads gin: an entry point calls `configured(...)` for the objects it needs and
+passes them down.
 """
 
 from __future__ import annotations
@@ -13,14 +18,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import TypeVar
 
 import gin
+from flm_jax.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIN_PREFIX = "gin."
+USER_ERROR_EXIT = 2
+# Errors that are the user's to fix (ConfigError covers config values, refused growths, bad Hugging Face folders).
+USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
+# The gin configurables of flm_jax.data (task registration). Tools that never read data skip their bindings instead
+# of importing TensorFlow to register them; tests check this list against flm_jax.data.tasks.
+DATA_CONFIGURABLES = ("register_text_task", "register_jsonl_task", "register_tfds_task", "register_function_task",
+                      "register_mixture", "register_default_tasks", "register_tasks")
 gin.add_config_file_search_path(str(REPO_ROOT))  # `include 'gin/models/x.gin'` works from any directory
+
+T = TypeVar("T")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,8 +55,10 @@ def add_distributed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--process_id", type=int, default=None)
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse flags, split off --gin.X=Y bindings, and apply every gin file and binding."""
+def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None, *, reads_data: bool = True,
+          load: bool = True) -> argparse.Namespace:
+    """Parse flags, split off --gin.X=Y bindings, and (with load=True) apply every gin file and binding.
+    `reads_data=False`: the tool never reads data, so flm_jax.data (and TensorFlow) is not imported."""
     argv = list(sys.argv[1:] if argv is None else argv)
     bindings, rest = [], []
     for arg in argv:
@@ -53,7 +71,8 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argp
             rest.append(arg)
     args = p.parse_args(rest)
     args.gin_bindings = bindings
-    load_gin(args.gin_file, bindings)
+    if load:
+        load_gin(args.gin_file, bindings, reads_data=reads_data)
     return args
 
 
@@ -61,27 +80,64 @@ def resolve_gin_file(name: str) -> str:
     for candidate in (Path(name), REPO_ROOT / name):
         if candidate.is_file():
             return str(candidate)
-    raise SystemExit(f"gin file {name!r} not found (looked in {os.getcwd()} and {REPO_ROOT}). "
-                     "Pass a path such as gin/models/52b.gin.")
+    raise FileNotFoundError(f"gin file {name!r} not found (looked in {os.getcwd()} and {REPO_ROOT}). "
+                            "Pass a path such as gin/models/52b.gin.")
 
 
-def load_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-    # Register every configurable a gin file may bind before parsing (model, mesh, optimizer, training, data
-    # registration, growth); the data package imports TensorFlow (~4 s).
-    from flm_jax import growth, hardware, optim, train_config  # noqa: F401
+def load_gin(files: Sequence[str], bindings: Sequence[str], *, reads_data: bool = True,
+             config_text: str | None = None) -> None:
+    """Apply `config_text` (a workdir's config.gin), then the gin files in order, then the bindings."""
+    # Register every configurable a gin file may bind: model, mesh, optimizer, training, growth, schedule,
+    # hardware, and (for tools that read data) task registration, whose package imports TensorFlow (~4 s).
+    from flm_jax import config, hardware, optim, partitioning  # noqa: F401
+    from flm_jax.growth import schedule, spec  # noqa: F401
+    from flm_jax.training import config as train_config  # noqa: F401
 
-    gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], list(bindings),
-                                        finalize_config=False, skip_unknown=False)
+    if reads_data:
+        import flm_jax.data  # noqa: F401
+    skip = () if reads_data else DATA_CONFIGURABLES
+    try:
+        if config_text is not None:
+            gin.parse_config(config_text, skip_unknown=list(skip))
+        gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], list(bindings),
+                                            finalize_config=False, skip_unknown=list(skip))
+    except (ValueError, SyntaxError) as e:  # an unknown configurable or parameter, a malformed value
+        raise ConfigError(f"gin: {e}") from None
+
+
+def configured(cls: Callable[[], T]) -> T:
+    """`cls()` with its gin bindings. A missing required binding (no model gin file) becomes a ConfigError."""
+    try:
+        return cls()
+    except RuntimeError as e:
+        if "Required bindings" not in str(e):
+            raise
+        name = getattr(cls, "__name__", str(cls))
+        hint = (" Include a model gin file, e.g. --gin_file=gin/models/tiny.gin (or gin/models/52b.gin)."
+                if name == "TeleFLMConfig" else "")
+        raise ConfigError(f"{e}.{hint}") from None
 
 
 def init_distributed(args: argparse.Namespace) -> None:
-    """Start jax.distributed when the flags ask for it (before any other JAX call)."""
+    """Start jax.distributed when the flags ask for it (before any other JAX call); from then on only process 0
+    prints to stdout."""
     import jax
 
     if args.coordinator_address or args.num_processes:
         if None in (args.coordinator_address, args.num_processes, args.process_id):
-            raise SystemExit("--coordinator_address, --num_processes and --process_id go together.")
+            raise ConfigError("--coordinator_address, --num_processes and --process_id go together.")
         jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                    num_processes=args.num_processes, process_id=args.process_id)
     elif args.multihost:
         jax.distributed.initialize()
+    if jax.process_index() != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def run_tool(name: str, main: Callable[[], None]) -> None:
+    """Run a tool's main: a user error is one line on stderr and exit status 2; a bug keeps its traceback."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"{name}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT) from None

@@ -1,7 +1,9 @@
 """TeleFLMConfig: the model's shape and numerics, named as in Hugging Face TeleFLM config.json files.
 
-Fields that exist in a released TeleFLM config.json keep its name, so `hf_fields()` is what goes into an export.
-The few runtime-only settings (compute/param dtype, remat policy) are grouped at the end and never exported.
+Fields that exist in a released TeleFLM config.json keep its name (flm_jax/hf/layout.py writes them). The shape
+fields have no default: a run whose gin files include no model (gin/models/*.gin) stops with an error naming the
+missing fields, instead of silently building some default size. The few runtime-only settings (compute/param
+dtype, remat policy) are grouped at the end and never exported.
 """
 
 from __future__ import annotations
@@ -11,11 +13,11 @@ from typing import Any
 
 import gin
 
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 # Which intermediate values a layer keeps for the backward pass (see model.py and plan.py).
 REMAT_POLICIES = ("none", "full", "dots")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy")
-EXTENSION_FIELDS = ("rms_norm_scale",)  # architecture fields Hugging Face configs do not have
 
 
 class ConfigError(ValueError):
@@ -25,17 +27,17 @@ class ConfigError(ValueError):
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class TeleFLMConfig:
-    # --- architecture (HF TeleFLM config.json names) ---
-    vocab_size: int = 80384
-    hidden_size: int = 8192
-    intermediate_size: int = 21824
-    num_hidden_layers: int = 64
-    num_attention_heads: int = 64
+    # --- architecture (HF TeleFLM config.json names); the shape is required (a model gin file binds it) ---
+    vocab_size: int = gin.REQUIRED
+    hidden_size: int = gin.REQUIRED
+    intermediate_size: int = gin.REQUIRED
+    num_hidden_layers: int = gin.REQUIRED
+    num_attention_heads: int = gin.REQUIRED
     num_key_value_heads: int | None = None  # None: plain multi-head attention (kv heads = heads)
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
     # flm_jax extension (not an HF field; export folds it into the norm gains): a static multiplier on every
-    # RMSNorm output, set by exact zero-padding growth of the hidden size (shared/GROWTH.md). 1 otherwise.
+    # RMSNorm output, set by exact zero-padding growth of the hidden size (docs/growth_math.md). 1 otherwise.
     rms_norm_scale: float = 1.0
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
@@ -106,7 +108,7 @@ class TeleFLMConfig:
     def embedding_scale(self) -> float:
         return self.input_mult if self.use_mup else 1.0
 
-    def replace(self, **changes: Any) -> "TeleFLMConfig":
+    def replace(self, **changes: Any) -> TeleFLMConfig:
         return dataclasses.replace(self, **changes)
 
     # --- parameter counts ---
@@ -138,16 +140,11 @@ class TeleFLMConfig:
         return 6.0 * matmul_params + attention
 
     # --- (de)serialisation ---
-    def hf_fields(self) -> dict[str, Any]:
-        """The architecture fields that Hugging Face configs have, under their names (no runtime settings)."""
-        skip = RUNTIME_FIELDS + EXTENSION_FIELDS
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TeleFLMConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TeleFLMConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

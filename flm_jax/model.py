@@ -153,6 +153,7 @@ class DecoderLayer(nn.Module):
     """One pre-norm block; scanned, so it maps (carry, *broadcast) -> (carry, None)."""
 
     config: TeleFLMConfig
+    record_internals: bool = False
 
     @nn.compact
     def __call__(self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array,
@@ -172,17 +173,18 @@ class DecoderLayer(nn.Module):
         if masks is not None:
             mlp_out = mlp_out * (hidden * layer_gate).astype(mlp_out.dtype)
         x_btd = x_btd + mlp_out
-        for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("residual", x_btd)):
-            _sow_rms(self, name, value)
-        # How much this layer changes the hidden state, 1 - cos(h_in, h_out) (distance-based layer selection).
-        a, b = x_in.astype(jnp.float32), x_btd.astype(jnp.float32)
-        cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-9)
-        self.sow("intermediates", "cos_distance", jnp.mean(1.0 - cos))
+        if self.record_internals:
+            for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("residual", x_btd)):
+                _sow_rms(self, name, value)
+            # How much this layer changes the hidden state, 1 - cos(h_in, h_out) (distance-based layer selection).
+            a, b = x_in.astype(jnp.float32), x_btd.astype(jnp.float32)
+            cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-9)
+            self.sow("intermediates", "cos_distance", jnp.mean(1.0 - cos))
         return nn.with_logical_constraint(x_btd, residual_axes), None
 
 
 def _sow_rms(module: nn.Module, name: str, x: Array) -> None:
-    """Record sqrt(mean(x^2)) in the 'intermediates' collection (μP coordinate checks); free unless mutable."""
+    """Record sqrt(mean(x^2)) in the 'intermediates' collection (μP coordinate checks)."""
     module.sow("intermediates", f"{name}_rms", jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32)))))
 
 
@@ -196,9 +198,15 @@ def remat_layer(policy: str) -> type[nn.Module]:
 
 class TeleFLM(nn.Module):
     """tokens [b, t] (+ segment ids and positions for packed rows) -> logits [b, t, v] in float32 (float64 for a
-    float64 model)."""
+    float64 model).
+
+    record_internals=True sows per-layer statistics into the 'intermediates' collection (RMS of the embedding,
+    each layer's attention / MLP output and residual stream, and the logits; each layer's 1 - cos(h_in, h_out)).
+    Only μP coordinate checks and growth calibration ask for them; training never computes them.
+    """
 
     config: TeleFLMConfig
+    record_internals: bool = False
 
     @nn.compact
     def __call__(self, tokens_bt: Array, segment_ids_bt: Array | None = None, positions_bt: Array | None = None,
@@ -214,7 +222,8 @@ class TeleFLM(nn.Module):
         if masks is not None:
             x_btd = x_btd * masks.hidden.astype(x_btd.dtype)
         x_btd = nn.with_logical_constraint(x_btd, ("act_batch", "act_length", "act_embed"))
-        _sow_rms(self, "embedding", x_btd)
+        if self.record_internals:
+            _sow_rms(self, "embedding", x_btd)
 
         mask = attention_mask(segment_ids_bt)
         cos_bte, sin_bte = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta, stats_dtype(cfg))
@@ -227,13 +236,14 @@ class TeleFLM(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         gates = jnp.ones(cfg.num_hidden_layers, jnp.float32) if masks is None else masks.layers
-        x_btd, _ = layers(cfg, name="layers")(x_btd, mask, cos_bte, sin_bte, masks, gates)
+        x_btd, _ = layers(cfg, self.record_internals, name="layers")(x_btd, mask, cos_bte, sin_bte, masks, gates)
 
         x_btd = RMSNorm(cfg, name="norm")(x_btd, None if masks is None else masks.hidden)
         head_dv = _param(self, "lm_head", ("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size))
         logits_btv = jnp.einsum("btd,dv->btv", x_btd, head_dv.astype(cfg.dtype)).astype(stats_dtype(cfg))
         logits_btv = logits_btv * cfg.logits_scale
-        _sow_rms(self, "logits", logits_btv)
+        if self.record_internals:
+            _sow_rms(self, "logits", logits_btv)
         return nn.with_logical_constraint(logits_btv, ("act_batch", "act_length", "act_vocab"))
 
 

@@ -1,4 +1,4 @@
-"""μP as the Tele-FLM series used it (μScaling / FLM-101B; PAPER.md §2), derived from the model config alone.
+"""μP as the Tele-FLM series used it (μScaling / FLM-101B; docs/paper.md), derived from the model config alone.
 
 width_mult = hidden_size / base_width = `mup_scale_factor` (the Hugging Face field), so a grown model whose config
 carries the new factor gets the right multipliers. `TeleFLMConfig.use_mup` selects the parametrisation:
@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import gin
 import jax
 
 from flm_jax.config import TeleFLMConfig
@@ -63,7 +62,6 @@ def _leaf_name(path) -> str:
     return str(getattr(path[-1], "key", path[-1]))
 
 
-@gin.configurable
 def param_multipliers(params: Any, config: TeleFLMConfig) -> tuple[Any, Any]:
     """(Adam learning-rate multipliers, weight-decay multipliers) for every leaf of a parameter tree."""
     m = width_mult(config)

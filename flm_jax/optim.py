@@ -3,19 +3,20 @@
 The chain is clip -> Adam -> decoupled weight decay -> per-parameter multiplier -> -schedule(step). The
 multiplier scales the whole update of a parameter (its Adam step and its decay), so a parameter class whose
 learning rate is lr·m_lr and whose decay is wd·m_wd decays at lr·m_lr·wd·m_wd per step, as in μP's Adam rules.
-The multipliers come from a gin-configurable function of (params, config); the default is flm_jax.mup's.
+The multipliers come from a function of (params, config); the default is flm_jax.mup's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import gin
 import jax
 import jax.numpy as jnp
 import optax
 
+import gin
 from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.mup import param_multipliers
 
@@ -86,13 +87,10 @@ def _decay_each(weight_decay: float, multipliers: Any) -> optax.GradientTransfor
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-@gin.configurable(denylist=["params", "config", "total_steps", "start_step"])
-def make_optimizer(params: Any, config: TeleFLMConfig, total_steps: int, start_step: int = 0,
-                   optimizer: OptimizerConfig | None = None,
+def make_optimizer(params: Any, config: TeleFLMConfig, cfg: OptimizerConfig, total_steps: int, start_step: int = 0,
                    multipliers: MultipliersFn = param_multipliers) -> tuple[optax.GradientTransformation,
                                                                                   optax.Schedule]:
     """The AdamW chain for a parameter tree (abstract is fine) and its learning-rate schedule."""
-    cfg = optimizer or OptimizerConfig()
     schedule = learning_rate_schedule(cfg, total_steps, start_step)
     lr_mult, wd_mult = multipliers(params, config)
     # The chain's state structure never depends on the settings, so any checkpoint restores under any config.

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
-import gin
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+import gin
 from flm_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -51,7 +53,6 @@ class MeshLayout:
     rules: Rules = ()
     device_memory_gib: float | None = None
     num_devices: int | None = None
-    device_kind: str = "any"
 
     def __post_init__(self):
         unknown = sorted(set(self.mesh_shape) - set(MESH_AXES))
@@ -175,3 +176,8 @@ def batch_split(mesh, layout: MeshLayout) -> int:
 
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Every process holds the whole global batch (same deterministic stream); each device takes its slice."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}

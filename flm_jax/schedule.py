@@ -1,105 +1,34 @@
-"""A growth schedule, Tele-FLM style: train, grow, train, grow, train, each stage in WORKDIR/stage<i>.
+"""A growth schedule, Tele-FLM style: `python -m flm_jax.schedule --gin_file=gin/schedules/tiny_teleflm.gin
+--workdir=runs/schedule`.
 
-    python -m flm_jax.schedule --gin_file=gin/schedules/tiny_teleflm.gin --workdir=runs/schedule
-
-Every stage runs `flm_jax.train` (and, from the second stage on, `flm_jax.grow` first) in its own process, so each
-sees only its own gin config. Finished stages are skipped when the command runs again. At the end it prints the
-loss before and after each growth and a table of the stages, and writes WORKDIR/schedule.json.
+Trains, grows, trains, ... each stage in WORKDIR/stage<i> (flm_jax.growth.schedule). Running it again resumes. At
+the end it prints the loss before and after each growth and a table of the stages, and writes WORKDIR/schedule.json.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
-
-import gin
 
 from flm_jax import cli
-from flm_jax.checkpoint import Checkpointer
-
-
-@gin.configurable
-def stages(stages: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """Each stage: {"steps": final step (the step count runs on across stages), "gin_files": [...] for the first
-    stage, "growth": a growth gin file for later ones, "bindings": ["TrainConfig.batch_size=4", ...]}."""
-    if not stages:
-        raise SystemExit("schedule: no stages; bind stages.stages in the schedule gin file.")
-    return [dict(s) for s in stages]
-
-
-def run(cmd: list[str]) -> float:
-    print("$ " + " ".join(cmd), flush=True)
-    started = time.time()
-    subprocess.run([sys.executable, "-m", *cmd], check=True, cwd=cli.REPO_ROOT)
-    return time.time() - started
-
-
-def metrics(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def run_schedule(workdir: Path, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for i, stage in enumerate(plan, start=1):
-        stage_dir, row = workdir / f"stage{i}", {"stage": i}
-        bindings = [f"--gin.{b}" for b in stage.get("bindings", [])] + [f"--gin.TrainConfig.steps={stage['steps']}"]
-        if i > 1 and stage.get("growth"):
-            if not (stage_dir / "growth.json").exists():
-                row["grow_seconds"] = run(["flm_jax.grow", f"--gin_file={stage['growth']}",
-                                           f"--from_workdir={workdir / f'stage{i - 1}'}", f"--workdir={stage_dir}"])
-            row["growth"] = json.loads((stage_dir / "growth.json").read_text())
-        gin_files = [f"--gin_file={f}" for f in stage.get("gin_files", [])]
-        latest = Checkpointer(stage_dir).latest_step() if (stage_dir / "checkpoints").exists() else None
-        if latest is None or latest < stage["steps"]:
-            row["train_seconds"] = run(["flm_jax.train", *gin_files, f"--workdir={stage_dir}", *bindings])
-        logged = metrics(stage_dir)
-        evaluated = [m for m in logged if "val_loss" in m]
-        row.update(steps=stage["steps"], first_loss=logged[0]["loss"] if logged else None,
-                   last_loss=logged[-1]["loss"] if logged else None,
-                   val_loss=evaluated[-1]["val_loss"] if evaluated else None,
-                   val_bpb=evaluated[-1]["val_bpb"] if evaluated else None,
-                   tokens_per_sec=logged[-1]["tokens_per_sec"] if logged else None)
-        rows.append(row)
-    return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = []
-    for row in rows:
-        if "growth" in row:
-            g = row["growth"]
-            lines.append(f"growth into stage {row['stage']}: {g['source_params']:,} -> {g['target_params']:,} "
-                         f"parameters, probe loss {g['loss_before']:.4f} -> {g['loss_after']:.4f}, max |Δlogit| "
-                         f"{g['max_abs_dlogit']:.2e}, {g['grow_seconds']:.1f} s, peak RSS {g['peak_rss_mib']:.0f} MiB")
-    lines.append(f"{'stage':>5} {'to step':>8} {'first loss':>10} {'last loss':>10} {'val loss':>9} {'val bpb':>8} "
-                 f"{'tok/s':>7} {'train s':>8}")
-    for row in rows:
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"{row['stage']:>5} {row['steps']:>8} {fmt(row['first_loss'], '10.4f')} "
-                     f"{fmt(row['last_loss'], '10.4f')} {fmt(row['val_loss'], '9.4f')} {fmt(row['val_bpb'], '8.4f')} "
-                     f"{fmt(row['tokens_per_sec'], '7.0f')} {fmt(row.get('train_seconds'), '8.1f')}")
-    return "\n".join(lines)
+from flm_jax.growth.schedule import format_table, run_schedule, stages
 
 
 def main(argv=None) -> None:
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
-    args = cli.parse(p, argv)
+    args = cli.parse(p, argv, reads_data=False)
+    plan = stages()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows = run_schedule(workdir, stages())
-    table = format_table(rows)
-    print(table, flush=True)
+    rows = run_schedule(workdir, plan)
+    print(format_table(rows), flush=True)
     print(f"schedule wall time {time.time() - started:.0f} s", flush=True)
     (workdir / "schedule.json").write_text(json.dumps({"stages": rows, "wall_seconds": time.time() - started},
                                                       indent=1))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_tool("schedule", main)

@@ -5,8 +5,9 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import gin  # noqa: E402
 import pytest  # noqa: E402
+
+import gin  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

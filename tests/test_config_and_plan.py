@@ -1,27 +1,28 @@
 """TeleFLMConfig validation, the released sizes through `flm_jax.plan`, and every shipped gin file."""
 
-import importlib.util
+import importlib
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-import gin
 import jax
 import pytest
 
+import gin
 from flm_jax.cli import REPO_ROOT
 from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.optim import OptimizerConfig
 from flm_jax.params import boxed_abstract_params, count_params
 from flm_jax.partitioning import MeshLayout
-from flm_jax.plan import make_plan
-from flm_jax.train import TrainConfig  # registers the training configurables that experiment gin files bind
+from flm_jax.planning import make_plan
+from flm_jax.training.config import TrainConfig
+from tests.helpers import MODEL, run_module
 
 
 def run_plan(*args):
-    return subprocess.run([sys.executable, "-m", "flm_jax.plan", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return run_module("flm_jax.plan", *args, timeout=120)
 
 
 @pytest.mark.parametrize("model, expected, tolerance", [("52b", 52.85e9, 0.005), ("1t", 1.084e12, 0.01)])
@@ -49,11 +50,11 @@ def test_plan_on_a_pod_mesh_splits_memory_and_says_whether_it_fits():
 
 def test_bad_config_fails_at_startup_naming_the_field():
     with pytest.raises(ConfigError, match=r"hidden_size=100 is not divisible by num_attention_heads=3"):
-        TeleFLMConfig(hidden_size=100, num_attention_heads=3)
+        MODEL.replace(hidden_size=100, num_attention_heads=3)
     with pytest.raises(ConfigError, match=r"num_attention_heads=8 is not divisible by num_key_value_heads=3"):
-        TeleFLMConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=3)
+        MODEL.replace(hidden_size=512, num_attention_heads=8, num_key_value_heads=3)
     with pytest.raises(ConfigError, match=r"remat_policy='sometimes'"):
-        TeleFLMConfig(remat_policy="sometimes")
+        MODEL.replace(remat_policy="sometimes")
     out = run_plan("--gin_file=gin/models/52b.gin", "--gin.TeleFLMConfig.num_attention_heads=60")
     assert out.returncode != 0
     assert "hidden_size=8192 is not divisible by num_attention_heads=60" in out.stderr
@@ -86,17 +87,23 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
     folder = Path(path).parts[1]
     if folder == "models":
         gin.parse_config_file(str(REPO_ROOT / path))
+        if Path(path).name == "base.gin":  # numerics every size shares; the shape comes from a model file
+            with pytest.raises(RuntimeError, match="Required bindings for `TeleFLMConfig`"):
+                TeleFLMConfig()
+            return
         abstract = boxed_abstract_params(TeleFLMConfig())  # jax.eval_shape: no memory
         assert count_params(abstract) == TeleFLMConfig().params_total()
     elif folder == "meshes":
+        if Path(path).name == "rules.gin":  # included by every mesh file
+            gin.parse_config_file(str(REPO_ROOT / path))
+            assert dict(MeshLayout().rules)["embed"] == ("fsdp",)
+            return
         gin.parse_config_files_and_bindings([str(REPO_ROOT / "gin/models/52b.gin"), str(REPO_ROOT / path)], [])
         layout = MeshLayout()
         devices = layout.num_devices or (8 if -1 in layout.mesh_shape.values() else None)
         plan = make_plan(TeleFLMConfig(), layout, devices)
         assert plan["params_per_device"] * plan["num_devices"] >= plan["params_total"]
     elif folder == "experiments":  # a whole run's config: model, mesh, training and optimizer settings
-        from flm_jax.optim import OptimizerConfig
-
         gin.parse_config_file(str(REPO_ROOT / path))
         cfg, run = TeleFLMConfig(), TrainConfig()
         assert OptimizerConfig().peak_learning_rate > 0 and run.seq_len <= cfg.max_position_embeddings
@@ -126,8 +133,12 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
         assert plan["params_total"] == grown.params_total() > src.params_total()
     elif folder == "schedules":  # every stage's files exist and the growth chain is valid from stage 1's model
         from flm_jax.growth import GrowthSpec, target_config
-        from flm_jax.schedule import stages
+        from flm_jax.growth.schedule import stages
 
+        if len(Path(path).parts) > 3:  # a stage's own training settings (checked below with its schedule)
+            gin.parse_config_file(str(REPO_ROOT / path))
+            assert TrainConfig().steps > 0 and OptimizerConfig().peak_learning_rate > 0
+            return
         gin.parse_config_file(str(REPO_ROOT / path))
         plan = stages()
         assert [s["steps"] for s in plan] == sorted({s["steps"] for s in plan})  # the step count runs on
@@ -139,16 +150,42 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
             gin.clear_config()
             gin.parse_config_file(str(REPO_ROOT / stage["growth"]))
             config = target_config(config, GrowthSpec())
+            gin.clear_config()
+            for f in stage["gin_files"]:  # the stage trains the grown model with these settings
+                gin.parse_config_file(str(REPO_ROOT / f))
+            assert TrainConfig().seq_len <= config.max_position_embeddings
         assert config.params_total() > 10 * 4_000_000
     elif folder == "sweeps":  # configs of the experiment scripts that define their configurables
         scripts = {"mup_transfer_full.gin": "mup_transfer", "loss_prediction_full.gin": "loss_prediction"}
         script = scripts[Path(path).name]
-        spec = importlib.util.spec_from_file_location(script, REPO_ROOT / "experiments" / f"{script}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = importlib.import_module(f"experiments.{script}")
         gin.parse_config_file(str(REPO_ROOT / path))
         sweep = {"mup_transfer": "TransferSweep", "loss_prediction": "PredictionSweep"}[script]
-        assert getattr(module, sweep)() != getattr(module, "QUICK")  # the file's values took effect
+        assert getattr(module, sweep)() != module.QUICK  # the file's values took effect
     else:
         pytest.fail(f"no abstract build check for gin/{folder}/: add one to this test")
     jax.clear_caches()
+
+
+def test_a_plan_without_a_model_stops_with_the_fix_and_no_traceback():
+    out = run_plan("--gin_file=gin/meshes/h100_1024.gin")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "plan: Required bindings for `TeleFLMConfig`" in out.stderr and "gin/models/tiny.gin" in out.stderr
+    out = run_plan("--gin_file=gin/models/missing.gin")
+    assert out.returncode == 2 and "gin file 'gin/models/missing.gin' not found" in out.stderr
+
+
+def test_tools_that_never_read_data_parse_run_configs_without_tensorflow():
+    """plan, export and import_hf parse a whole experiment config (TrainConfig, data registration) without
+    importing TensorFlow; flm_jax.cli's list of data configurables is flm_jax.data's."""
+    code = ("import sys; from flm_jax import cli, export, import_hf, plan; "
+            "cli.load_gin(['gin/experiments/tiny_pretrain.gin'], ['register_tasks.registrations = ()'], "
+            "reads_data=False); print(sorted(m for m in sys.modules if m.startswith('tensorflow')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+    import flm_jax.data.tasks as tasks
+    from flm_jax.cli import DATA_CONFIGURABLES
+
+    registered = {name for name in dir(tasks) if name.startswith("register_")}
+    assert set(DATA_CONFIGURABLES) == registered

@@ -6,11 +6,11 @@ import json
 import math
 import os
 
-import gin
 import numpy as np
 import pytest
 
 import flm_jax.data as data
+import gin
 from flm_jax.data import corpus, tasks
 from flm_jax.data._tf import tf
 
@@ -179,7 +179,7 @@ def test_gin_registration(tmp_path, clean_gin):
     assert data.register_tasks() == names  # idempotent
     assert seqio.get_mixture_or_task("flm_default").get_rate(seqio.get_mixture_or_task("flm_prose")) == 1.0
     val = data.validation_set("test_gin_docs", batch_size=1, seq_len=16)
-    assert val.num_bytes == len("naïve café".encode("utf-8")) and val.num_documents == 1
+    assert val.num_bytes == len("naïve café".encode()) and val.num_documents == 1
     batch = next(data.BatchIterator("test_gin_mix", "train", batch_size=2, seq_len=32, seed=1))
     assert batch["targets"].shape == (2, 32)
 

@@ -13,21 +13,24 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from flm_jax import cli
 from flm_jax import export as export_mod
 from flm_jax import generate as generate_mod
 from flm_jax import import_hf as import_mod
-from flm_jax.checkpoint import Checkpointer, make_metadata
-from flm_jax.checkpoint_reader import CheckpointReader, GrowthRampError, growth_masks, plain_source, read_params
 from flm_jax.cli import REPO_ROOT
-from flm_jax.export import export
-from flm_jax.generate import generate
-from flm_jax.hf_tokenizer import CHECK_TEXTS, default_tokenizer_path
-from flm_jax.hf_weights import INDEX_FILE
-from flm_jax.import_hf import HFImportError, import_hf
+from flm_jax.growth.checkpoint import grow_checkpoint
+from flm_jax.growth.fold import FoldedSource, GrowthRampError, plain_source
+from flm_jax.growth.spec import GrowthSpec
+from flm_jax.hf.export import export
+from flm_jax.hf.importer import HFImportError, import_hf
+from flm_jax.hf.tokenizer import CHECK_TEXTS, default_tokenizer_path
+from flm_jax.hf.weights import INDEX_FILE
+from flm_jax.inference.generate import generate
 from flm_jax.model import TeleFLM
-from flm_jax.partitioning import make_mesh
-from flm_jax.train import StateSpec, TrainConfig, train
-from tests.test_train import MODEL, SINGLE, assert_trees_equal
+from flm_jax.training.checkpoint import Checkpointer, make_metadata
+from flm_jax.training.checkpoint_reader import CheckpointReader, read_params
+from flm_jax.training.config import TrainConfig
+from tests.helpers import MODEL, SINGLE, assert_trees_equal, restore, run_train
 
 # GQA and a power-of-two input multiplier on top of test_train's μP model (logits x 0.5 / 2.0): folding and
 # unfolding powers of two is exact, so the llama round trip can be bitwise.
@@ -36,11 +39,7 @@ RUN = TrainConfig(steps=2, batch_size=8, seq_len=32, log_every=1, eval_tasks=(),
 
 
 def restore_state(workdir, config=CONFIG):
-    mesh = make_mesh(SINGLE, jax.devices()[:1])
-    ckpt = Checkpointer(workdir)
-    state, data_state, meta = ckpt.restore(ckpt.latest_step(), StateSpec.build(config, mesh, SINGLE, 1).abstract)
-    ckpt.close()
-    return state, data_state, meta
+    return restore(workdir, model=config)
 
 
 def save_copy(workdir, state, **metadata_changes):
@@ -78,7 +77,7 @@ def safetensors_dict(folder):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("run")
-    train(workdir, RUN, CONFIG, SINGLE)
+    run_train(workdir, RUN, model=CONFIG)
     state, _, _ = restore_state(workdir)
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 48))
     return types.SimpleNamespace(workdir=workdir, state=state, params=state["params"], tokens=tokens,
@@ -181,16 +180,15 @@ def test_round_trip_is_bitwise_identical(run, sharded_dir, teleflm_dir, tmp_path
     folder = {"llama": sharded_dir, "teleflm": teleflm_dir,
               "teleflm_bin": as_bin_folder(teleflm_dir, tmp_path / "bin")}[source]
     workdir = tmp_path / "work"
-    config = import_hf(folder, workdir)
-    assert config.hf_fields() == CONFIG.hf_fields()
+    config = import_hf(folder, workdir, SINGLE)
+    assert config.to_dict() == CONFIG.to_dict()
     state, data_state, meta = restore_state(workdir, config)
     assert_trees_equal(run.params, state["params"])
     assert int(state["step"]) == 0 and data_state == {}
     assert all(not np.any(np.asarray(x)) for x in jax.tree_util.tree_leaves(state["opt_state"]))
     assert meta["model_config"]["output_mult"] == 0.5 and meta["imported_from"]["format"] == source.split("_")[0]
-    assert "TeleFLMConfig.num_key_value_heads = 2" in (workdir / "config.gin").read_text()
     if source == "llama":  # training continues from the import (fresh data stream, fresh Adam state)
-        last = train(workdir, TrainConfig(steps=1, batch_size=8, seq_len=32, eval_tasks=()), config, SINGLE)
+        last = run_train(workdir, TrainConfig(steps=1, batch_size=8, seq_len=32, eval_tasks=()), model=config)
         assert np.isfinite(last["loss"])
         assert Checkpointer(workdir).latest_step() == 1
 
@@ -232,7 +230,7 @@ def test_import_names_missing_and_misshapen_tensors(llama_dir, tmp_path, damage,
         tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros((64,), np.float32)
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(HFImportError, match=message):
-        import_hf(broken, tmp_path / "work")
+        import_hf(broken, tmp_path / "work", SINGLE)
     assert not (tmp_path / "work" / "checkpoints").exists()
 
 
@@ -249,31 +247,29 @@ def test_export_reads_stacked_arrays_one_layer_at_a_time(run, tmp_path, monkeypa
     assert summary["peak_rss_mib"] > 0 and summary["files"] == ["model.safetensors"]
 
 
-def test_growth_masks_mid_ramp_are_refused_and_masks_at_0_use_the_growth_hook(run, tmp_path, monkeypatch,
-                                                                                 capsys):
-    save_copy(tmp_path / "ramp", run.state, growth={"mask": 0.3})
-    with pytest.raises(SystemExit):
-        export_mod.main([f"--workdir={tmp_path / 'ramp'}", f"--out={tmp_path / 'out'}", "--tokenizer=none"])
-    assert "middle of a growth mask ramp (mask [0.3])" in capsys.readouterr().err
-    # The MSG ramp state flm_jax.growth writes: m = clip((step - start) / ramp_steps, 0, 1) at the checkpoint step.
-    assert growth_masks({"growth": {"start_step": 0, "ramp_steps": 10}}, 2) == [0.2]
-    assert growth_masks({"growth": {"start_step": 0, "ramp_steps": 2}}, 2) == [1.0]
-    assert growth_masks({"growth": {"masks": {"hidden": 0.0, "layers": [0.0, 1.0]}}}, 5) == [0.0, 0.0, 1.0]
-    assert growth_masks({}, 5) == []
+RAMP = {"start_step": 0, "ramp_steps": 10, "old_hidden": 64, "old_heads": 4, "old_ffn": 128,
+        "new_layers": [False, False]}
 
-    def fake(metadata):
-        return types.SimpleNamespace(metadata=metadata, step=2)
 
-    plain = fake({"growth": {"mask": 1.0}})
-    assert plain_source(plain) is plain  # masks at 1: the plain grown model as stored
-    import flm_jax.growth
+def test_growth_masks_mid_ramp_are_refused_and_masks_at_0_are_folded(run, tmp_path, capsys):
+    save_copy(tmp_path / "ramp", run.state, growth=dict(RAMP, mask=0.2))  # step 2 of a 10-step ramp: m = 0.2
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_tool("export", lambda: export_mod.main([f"--workdir={tmp_path / 'ramp'}", f"--out={tmp_path / 'out'}",
+                                                        "--tokenizer=none"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "middle of a growth mask ramp (mask 0.2)" in err and "Traceback" not in err
 
-    folded = object()
-    monkeypatch.setattr(flm_jax.growth, "fold_for_export", lambda reader: folded, raising=False)
-    assert plain_source(fake({"growth": {"mask": 0.0}})) is folded
-    monkeypatch.delattr(flm_jax.growth, "fold_for_export")
-    with pytest.raises(GrowthRampError, match="fold_for_export"):
-        plain_source(fake({"growth": {"mask": 0.0}}))
+    def fake(growth):
+        return types.SimpleNamespace(metadata={"growth": growth} if growth else {}, step=2, config=CONFIG)
+
+    plain = fake(None)
+    assert plain_source(plain) is plain  # no growth: the checkpoint as stored
+    over = fake(dict(RAMP, ramp_steps=2))
+    assert plain_source(over) is over  # m = clip((2 - 0) / 2, 0, 1) = 1: the plain grown model as stored
+    assert isinstance(plain_source(fake(dict(RAMP, start_step=2))), FoldedSource)  # m = 0: folded
+    with pytest.raises(GrowthRampError, match=r"mask 0.2\)"):
+        plain_source(fake(RAMP))
 
 
 def test_rms_norm_scale_is_folded_into_the_norm_gains(run, tmp_path):
@@ -298,11 +294,8 @@ def test_command_lines_import_plain_llama_and_generate(run, llama_dir, tmp_path,
 
 
 def test_grown_checkpoint_at_mask_0_exports_to_the_sources_logits(run, llama_dir, tmp_path):
-    """MSG growth (hidden, heads, FFN, layers) at mask 0, folded by flm_jax.growth.fold_for_export: transformers
-    computes the source model's logits from the bigger exported model."""
-    from flm_jax.grow import grow_checkpoint
-    from flm_jax.growth import GrowthSpec
-
+    """MSG growth (hidden, heads, FFN, layers) at mask 0, folded by flm_jax.growth.fold: transformers computes the
+    source model's logits from the bigger exported model."""
     spec = GrowthSpec(hidden_size=96, num_attention_heads=6, intermediate_size=160, num_hidden_layers=3, mode="msg")
     grow_checkpoint(run.workdir, tmp_path / "grown", spec, SINGLE)
     export(tmp_path / "grown", tmp_path / "hf", "llama", tokenizer="none")

@@ -1,6 +1,8 @@
 """Growth operators: function preservation (float64 and float32), old gradients, training dynamics after
 duplication, property-based shapes, sharded growth across meshes, and the grow entry point's refusals."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,12 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flm_jax.config import ConfigError, TeleFLMConfig
-from flm_jax.growth import GrowthSpec, build_masks, grow, target_config
+from flm_jax.growth import GrowthSpec, grow, target_config
+from flm_jax.growth.checkpoint import grow_checkpoint
 from flm_jax.growth.operators import axis_roles, grow_tree
 from flm_jax.model import TeleFLM
 from flm_jax.optim import OptimizerConfig, make_optimizer
-from flm_jax.partitioning import MeshLayout, make_mesh
 from flm_jax.params import param_shardings
+from flm_jax.partitioning import MeshLayout, make_mesh
+from flm_jax.training.checkpoint import Checkpointer
+from flm_jax.training.config import TrainConfig
+from tests.helpers import SINGLE, metrics, run_module, run_train
 
 SRC = TeleFLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=32, use_mup=True, mup_scale_factor=2.0,
@@ -57,7 +63,7 @@ def random_params(cfg, seed=0):
 def grown_logits(src, params, spec, m=0.0):
     distances = np.linspace(0.3, 0.1, src.num_hidden_layers) if spec.layer_strategy == "distance" else None
     result = grow(params, src, spec, jax.random.key(7), distances=distances)
-    masks = build_masks(result.msg_state, result.config, m) if result.msg_state else None
+    masks = result.ramp.masks(result.config, m) if result.ramp else None
     return TeleFLM(result.config).apply({"params": result.params}, TOKENS, masks=masks), result
 
 
@@ -70,7 +76,7 @@ def test_exact_operators_and_msg_at_zero_preserve_logits_in_float64(name):
         after, result = grown_logits(src, params, SPECS[name])
         assert after.dtype == jnp.float64 and result.config.params_total() > src.params_total()
         assert float(jnp.abs(after[..., :src.vocab_size] - before).max()) <= 1e-9
-        if result.msg_state:  # the mask ramp really moves the function, and m = 1 is the plain grown model
+        if result.ramp:  # the mask ramp really moves the function, and m = 1 is the plain grown model
             at_one, _ = grown_logits(src, params, SPECS[name], m=1.0)
             plain = TeleFLM(result.config).apply({"params": result.params}, TOKENS)
             assert float(jnp.abs(at_one[..., :64] - before).max()) > 1e-3
@@ -108,7 +114,7 @@ def old_part(tree, src, tgt, order):
 @pytest.mark.parametrize("name", ["hidden_heads_new", "ffn_new", "depth_even", "msg_everything"])
 def test_gradients_of_old_entries_are_unchanged(name):
     """Zero padding, zeroed outputs, identity layers and masks at 0 leave every old parameter's gradient as it
-    was (GROWTH.md); the μP readout rescale divides the head's gradient by the width ratio. (Vocabulary growth
+    was (docs/growth_math.md); the μP readout rescale divides the head's gradient by the width ratio. (Vocabulary growth
     keeps every old logit but not the softmax: new tokens get logit 0, so its gradients change.)"""
     with jax.enable_x64(True):
         src = SRC.replace(**F64)
@@ -123,7 +129,7 @@ def test_gradients_of_old_entries_are_unchanged(name):
 
         before = jax.grad(loss(src))(params)
         result = grow(params, src, SPECS[name], jax.random.key(7))
-        masks = build_masks(result.msg_state, result.config, 0.0) if result.msg_state else None
+        masks = result.ramp.masks(result.config, 0.0) if result.ramp else None
         after = old_part(jax.grad(loss(result.config, masks))(result.params), src, result.config, result.order)
         ratio = result.config.mup_scale_factor / src.mup_scale_factor
         for (path, g_old), g_new in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after)):
@@ -157,10 +163,10 @@ def test_duplication_with_transformed_moments_follows_the_small_model():
         return params, opt_state
 
     params = random_params(src)
-    tx, _ = make_optimizer(params, src, 20, optimizer=opt)
+    tx, _ = make_optimizer(params, src, opt, 20)
     params, opt_state = train(src, params, tx.init(params), tx, batches[:3])  # some history in the moments
     grown = grow(params, src, spec, jax.random.key(0), opt_state=opt_state)
-    tx_big, _ = make_optimizer(grown.params, grown.config, 20, optimizer=opt)
+    tx_big, _ = make_optimizer(grown.params, grown.config, opt, 20)
     small, _ = train(src, params, opt_state, tx, batches[3:])
     big, _ = train(grown.config, grown.params, grown.opt_state, tx_big, batches[3:])
     probe = batches[0][:, :-1]
@@ -182,8 +188,8 @@ def test_property_random_shapes_preserve_the_function(heads, kv_div, head_dim, l
     src = SRC.replace(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv,
                       intermediate_size=ffn, num_hidden_layers=layers, **F64)
     new_heads = heads + group * extra_heads
-    spec = GrowthSpec(hidden_size=new_heads * head_dim, num_attention_heads=new_heads, intermediate_size=ffn + extra_ffn,
-                      num_hidden_layers=layers + extra_layers, mode=mode, seed=seed)
+    spec = GrowthSpec(hidden_size=new_heads * head_dim, num_attention_heads=new_heads,
+                      intermediate_size=ffn + extra_ffn, num_hidden_layers=layers + extra_layers, mode=mode, seed=seed)
     with jax.enable_x64(True):
         params = random_params(src, seed)
         before = TeleFLM(src).apply({"params": params}, TOKENS)
@@ -232,12 +238,8 @@ def test_bad_growths_are_refused_with_the_fix():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from tests.test_train import MODEL, SINGLE, bind_fast_optimizer
-    from flm_jax.train import TrainConfig, train
-
     workdir = tmp_path_factory.mktemp("source")
-    bind_fast_optimizer()
-    train(workdir, TrainConfig(steps=2, batch_size=8, seq_len=32, eval_tasks=()), MODEL, SINGLE)
+    run_train(workdir, TrainConfig(steps=2, batch_size=8, seq_len=32, eval_tasks=()))
     return workdir
 
 
@@ -253,20 +255,10 @@ MeshLayout.mesh_shape = {"data": 1}
 
 
 def test_grow_entry_point_writes_a_run_that_train_continues_through_the_ramp(trained, tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from flm_jax.checkpoint import Checkpointer
-    from flm_jax.cli import REPO_ROOT
-
     (tmp_path / "grow.gin").write_text(GROW_GIN)
     dst = tmp_path / "grown"
-    env = dict(os.environ)
-    out = subprocess.run([sys.executable, "-m", "flm_jax.grow", f"--gin_file={tmp_path / 'grow.gin'}",
-                          f"--from_workdir={trained}", f"--workdir={dst}"], cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = run_module("flm_jax.grow", f"--gin_file={tmp_path / 'grow.gin'}", f"--from_workdir={trained}",
+                     f"--workdir={dst}")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((dst / "growth.json").read_text())
     assert report["step"] == 2 and report["max_abs_dlogit"] < 1e-4 and abs(report["dloss"]) < 1e-5
@@ -274,10 +266,9 @@ def test_grow_entry_point_writes_a_run_that_train_continues_through_the_ramp(tra
     # The source was trained in-process with explicit configs, so its config.gin holds no TrainConfig: pass it.
     run_flags = ["--gin.TrainConfig.steps=5", "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=32",
                  "--gin.TrainConfig.eval_tasks=()", "--gin.TrainConfig.log_every=1"]
-    out = subprocess.run([sys.executable, "-m", "flm_jax.train", f"--workdir={dst}", *run_flags],
-                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = run_module("flm_jax.train", f"--workdir={dst}", *run_flags)
     assert out.returncode == 0, out.stderr[-3000:]
-    records = [json.loads(line) for line in (dst / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(dst)
     assert [r["step"] for r in records] == [3, 4, 5]
     assert [r.get("growth_mask") for r in records] == [0.0, 0.5, None]  # ramp 0 -> 1, then folded away
     ckpt = Checkpointer(dst)
@@ -286,9 +277,6 @@ def test_grow_entry_point_writes_a_run_that_train_continues_through_the_ramp(tra
 
 
 def test_grow_refusals_write_nothing(trained, tmp_path):
-    from flm_jax.grow import grow_checkpoint
-    from tests.test_train import SINGLE
-
     spec = GrowthSpec(hidden_size=96, num_attention_heads=6, mode="msg")
     with pytest.raises(ConfigError, match="smaller than the source's"):
         grow_checkpoint(trained, tmp_path / "a", GrowthSpec(intermediate_size=8), SINGLE)

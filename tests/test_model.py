@@ -1,4 +1,4 @@
-"""The linen model against an independent numpy implementation of the Tele-FLM math (PAPER.md §1)."""
+"""The linen model against an independent numpy implementation of the Tele-FLM math (docs/paper.md §1)."""
 
 import flax.linen as nn
 import jax
@@ -30,11 +30,11 @@ def reference_logits(p, tokens, segment_ids, positions, cfg):
         T = len(seg)
         allowed = np.array([[j <= i and seg[i] == seg[j] and seg[j] != 0 for j in range(T)] for i in range(T)])
         x = p["embed"][tokens[b]] * cfg.input_mult
-        for l in range(cfg.num_hidden_layers):
-            h = rms(x, p["ln1"][l])
-            q = rope((h @ p["wq"][l].reshape(cfg.hidden_size, -1)).reshape(T, n_heads, hd), pos)
-            k = rope((h @ p["wk"][l].reshape(cfg.hidden_size, -1)).reshape(T, n_kv, hd), pos)
-            v = (h @ p["wv"][l].reshape(cfg.hidden_size, -1)).reshape(T, n_kv, hd)
+        for layer in range(cfg.num_hidden_layers):
+            h = rms(x, p["ln1"][layer])
+            q = rope((h @ p["wq"][layer].reshape(cfg.hidden_size, -1)).reshape(T, n_heads, hd), pos)
+            k = rope((h @ p["wk"][layer].reshape(cfg.hidden_size, -1)).reshape(T, n_kv, hd), pos)
+            v = (h @ p["wv"][layer].reshape(cfg.hidden_size, -1)).reshape(T, n_kv, hd)
             heads = []
             for i in range(n_heads):
                 j = i // (n_heads // n_kv)  # query head i reads kv head j
@@ -42,10 +42,10 @@ def reference_logits(p, tokens, segment_ids, positions, cfg):
                 w = np.where(allowed, np.exp(s - s.max(-1, keepdims=True)), 0.0)
                 w /= np.maximum(w.sum(-1, keepdims=True), 1e-300)  # a padding row attends to nothing
                 heads.append(w @ v[:, j])
-            x = x + np.concatenate(heads, -1) @ p["wo"][l].reshape(-1, cfg.hidden_size)
-            h = rms(x, p["ln2"][l])
-            g = h @ p["wg"][l]
-            x = x + ((g / (1 + np.exp(-g))) * (h @ p["wu"][l])) @ p["wd"][l]
+            x = x + np.concatenate(heads, -1) @ p["wo"][layer].reshape(-1, cfg.hidden_size)
+            h = rms(x, p["ln2"][layer])
+            g = h @ p["wg"][layer]
+            x = x + ((g / (1 + np.exp(-g))) * (h @ p["wu"][layer])) @ p["wd"][layer]
         out.append(rms(x, p["norm"]) @ p["head"] * (cfg.output_mult / cfg.mup_scale_factor))
     return np.stack(out)
 

@@ -10,18 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from flm_jax.cli import REPO_ROOT
-from flm_jax.partitioning import MeshLayout
-from flm_jax.train import TrainConfig, train
-from tests.test_train import MODEL
+from flm_jax.optim import OptimizerConfig
+from flm_jax.training.config import TrainConfig
+from tests.helpers import FSDP8, MODEL, MODEL_FLAGS, run_train
 
-FLAGS = ["--gin.TeleFLMConfig.vocab_size=2048", "--gin.TeleFLMConfig.hidden_size=64",
-         "--gin.TeleFLMConfig.intermediate_size=128", "--gin.TeleFLMConfig.num_hidden_layers=2",
-         "--gin.TeleFLMConfig.num_attention_heads=4", "--gin.TeleFLMConfig.max_position_embeddings=64",
-         "--gin.TeleFLMConfig.output_mult=0.5", "--gin.TeleFLMConfig.mup_scale_factor=2.0",
-         "--gin.TeleFLMConfig.remat_policy='none'",
-         "--gin.MeshLayout.mesh_shape={'fsdp': -1}", "--gin.MeshLayout.rules=[('act_batch', 'fsdp'), ('embed', 'fsdp')]",
-         "--gin.TrainConfig.steps=2", "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=32",
-         "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_tasks=()"]
+FLAGS = ["--gin_file=gin/meshes/fsdp.gin", *MODEL_FLAGS, "--gin.TrainConfig.steps=2", "--gin.TrainConfig.batch_size=8",
+         "--gin.TrainConfig.seq_len=32", "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_tasks=()"]
 
 
 def free_port():
@@ -40,14 +34,14 @@ def test_two_processes_train_like_one_host(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
+    assert outs[0][0].strip() and not outs[1][0].strip()  # only process 0 prints
     multi = [json.loads(x) for x in Path(tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in multi] == [1, 2]  # only process 0 writes metrics
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["1", "2"]
 
     # The same run on one process with 8 devices sees the same batches and the same losses.
-    layout = MeshLayout(name="fsdp", mesh_shape={"fsdp": -1}, rules=(("act_batch", "fsdp"), ("embed", "fsdp")))
-    train(tmp_path / "single", TrainConfig(steps=2, batch_size=8, seq_len=32, log_every=1, eval_tasks=()), MODEL,
-          layout)
+    run_train(tmp_path / "single", TrainConfig(steps=2, batch_size=8, seq_len=32, log_every=1, eval_tasks=()),
+              model=MODEL, layout=FSDP8, optimizer=OptimizerConfig())
     single = [json.loads(x) for x in Path(tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
     assert [m["batch_crc32"] for m in multi] == [m["batch_crc32"] for m in single]
     np.testing.assert_allclose([m["loss"] for m in multi], [m["loss"] for m in single], rtol=1e-5)

@@ -32,7 +32,8 @@ def init(cfg, seed=0):
 
 
 def leaves(tree):
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    flat = jax.tree_util.tree_leaves_with_path(tree)
+    return {jax.tree_util.keystr(p, simple=True, separator="/"): x for p, x in flat}
 
 
 def test_init_statistics_per_parameter_class():
@@ -54,9 +55,9 @@ def test_adam_multipliers_per_parameter_class():
         assert m == lr and leaves(wd_mult)[path] == wd, path
     # Through the optimizer: the first Adam step moves each entry by lr·m_lr·(1 + wd·m_wd·p) (|m/sqrt(v)| = 1).
     peak, wd = 1e-2, 0.1
-    tx, _ = make_optimizer(params, WIDE, 10, optimizer=OptimizerConfig(peak_learning_rate=peak, warmup_steps=0,
-                                                             schedule="constant", weight_decay=wd,
-                                                             grad_clip_norm=None))
+    optimizer = OptimizerConfig(peak_learning_rate=peak, warmup_steps=0, schedule="constant", weight_decay=wd,
+                                grad_clip_norm=None)
+    tx, _ = make_optimizer(params, WIDE, optimizer, 10)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     for path, u in leaves(updates).items():
@@ -75,7 +76,7 @@ def test_mup_at_width_mult_one_is_standard_parametrisation():
 
     def trajectory(cfg):
         params = init(cfg, seed=3)
-        tx, _ = make_optimizer(params, cfg, 5, optimizer=OptimizerConfig(peak_learning_rate=1e-2, warmup_steps=1))
+        tx, _ = make_optimizer(params, cfg, OptimizerConfig(peak_learning_rate=1e-2, warmup_steps=1), 5)
         state = tx.init(params)
         for _ in range(3):
             def loss(p):
@@ -92,4 +93,5 @@ def test_mup_at_width_mult_one_is_standard_parametrisation():
     np.testing.assert_array_equal(np.asarray(logits_mup), np.asarray(logits_sp))
     # ... and width_mult != 1 changes the trajectory (the test above is not vacuous).
     p_wide, _ = trajectory(mup.replace(mup_scale_factor=2.0))
-    assert not np.allclose(np.asarray(leaves(p_wide)["layers/mlp/up_proj"]), np.asarray(leaves(p_mup)["layers/mlp/up_proj"]))
+    up = "layers/mlp/up_proj"
+    assert not np.allclose(np.asarray(leaves(p_wide)[up]), np.asarray(leaves(p_mup)[up]))

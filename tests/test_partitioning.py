@@ -1,17 +1,17 @@
 """Shardings per mesh layout on 8 fake CPU devices, and 1-device vs 2x4-mesh equality."""
 
 import flax.linen as nn
-import gin
 import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from flm_jax.cli import resolve_gin_file
+import gin
 from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.params import init_params, param_shardings
 from flm_jax.partitioning import MeshLayout, batch_sharding, make_mesh
-from flm_jax.step import lm_loss
+from flm_jax.training.step import lm_loss
+from tests.helpers import load_layout
 
 TINY = TeleFLMConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=32, output_mult=0.5, mup_scale_factor=2.0)
@@ -37,18 +37,20 @@ EXPECTED = {"single": (REPLICATED, 1), "data_parallel": (REPLICATED, 8), "fsdp":
             "fsdp_tp": (FSDP_TP, 8)}
 
 
-def load_layout(name):
-    gin.parse_config_file(resolve_gin_file(f"gin/meshes/{name}.gin"))
-    return MeshLayout()
-
-
 def flat(tree):
     return {jax.tree_util.keystr(p, simple=True, separator="/"): x
             for p, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, NamedSharding))}
 
 
-def normalise(spec, ndim):
-    axes = [a[0] if isinstance(a, tuple) and len(a) == 1 else a for a in spec]
+def normalise(spec, ndim, mesh):
+    """Mesh axes per dimension; an axis of size 1 splits nothing (every layout shares one rules file)."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+
+    def split(a):
+        names = [n for n in ((a,) if isinstance(a, str) else (a or ())) if sizes[n] > 1]
+        return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+    axes = [split(a) for a in spec]
     return tuple(axes + [None] * (ndim - len(axes)))
 
 
@@ -60,7 +62,7 @@ def test_parameters_get_the_layouts_sharding(name):
     params = init_params(TINY, mesh, layout, jax.random.key(0))  # sharded init
     assert sorted(flat(params)) == sorted(expected)
     for path, array in flat(params).items():
-        assert normalise(array.sharding.spec, array.ndim) == expected[path], path
+        assert normalise(array.sharding.spec, array.ndim, mesh) == expected[path], path
         split = [1 if a is None else mesh.shape[a] for a in expected[path]]
         # Each device holds only its slice, never the whole parameter.
         assert array.addressable_shards[0].data.shape == tuple(s // k for s, k in zip(array.shape, split)), path

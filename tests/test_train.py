@@ -1,82 +1,46 @@
 """Training end to end: exact resume, restore across meshes, crash recovery, every experiment gin file."""
 
 import json
-import os
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
-import gin
 import jax
 import numpy as np
 import pytest
 
-from flm_jax.checkpoint import Checkpointer
 from flm_jax.cli import REPO_ROOT
-from flm_jax.config import TeleFLMConfig
-from flm_jax.partitioning import MeshLayout, make_mesh
-from flm_jax.train import StateSpec, TrainConfig, train
+from flm_jax.config import ConfigError
+from flm_jax.training.checkpoint import Checkpointer
+from flm_jax.training.config import TrainConfig
+from tests.helpers import (
+    FAST_FLAGS,
+    FSDP8,
+    FSDP_TP,
+    MODEL,
+    MODEL_FLAGS,
+    assert_trees_equal,
+    metrics,
+    restore,
+    run_module,
+    run_train,
+)
 
-MODEL = TeleFLMConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=64, output_mult=0.5, mup_scale_factor=2.0,
-                      remat_policy="none")
 RUN = TrainConfig(steps=6, batch_size=8, seq_len=32, log_every=1, eval_tasks=(), checkpoint_every=2)
-SINGLE = MeshLayout(name="single", mesh_shape={"data": 1})
-FSDP_TP = MeshLayout(name="fsdp_tp", mesh_shape={"fsdp": 2, "tensor": 4},
-                     rules=(("act_batch", "fsdp"), ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"),
-                            ("kv_heads", "tensor"), ("vocab", "tensor")))
-FSDP8 = MeshLayout(name="fsdp8", mesh_shape={"fsdp": 8}, rules=(("act_batch", "fsdp"), ("embed", "fsdp")))
-
-
-# A learning rate that moves a 6-step run (the defaults warm up over 100 steps); CLI runs get the same flags.
-FAST_OPTIMIZER = {"OptimizerConfig.peak_learning_rate": 1e-2, "OptimizerConfig.warmup_steps": 2}
-FAST_FLAGS = [f"--gin.{k}={v}" for k, v in FAST_OPTIMIZER.items()]
-
-
-def bind_fast_optimizer():
-    for key, value in FAST_OPTIMIZER.items():
-        gin.bind_parameter(key, value)
-
-
-@pytest.fixture(autouse=True)
-def _fast_optimizer(_clean_gin):
-    bind_fast_optimizer()
-
-
-def restore(workdir, layout, step=None, devices=None):
-    mesh = make_mesh(layout, devices or jax.devices()[:1])
-    ckpt = Checkpointer(workdir)
-    step = ckpt.latest_step() if step is None else step
-    state, data_state, meta = ckpt.restore(step, StateSpec.build(MODEL, mesh, layout, RUN.steps).abstract)
-    ckpt.close()
-    return state, data_state, meta
-
-
-def metrics(workdir):
-    return [json.loads(line) for line in Path(workdir, "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_trees_equal(a, b):
-    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
-    assert len(la) == len(lb)
-    for (path, x), y in zip(la, lb):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    bind_fast_optimizer()
-    train(workdir, RUN, MODEL, SINGLE)
+    run_train(workdir, RUN)
     return workdir
 
 
 def test_stop_and_resume_is_bitwise_identical(straight_run, tmp_path):
-    train(tmp_path, RUN, MODEL, SINGLE, until_step=3)
+    run_train(tmp_path, RUN, until_step=3)
     assert Checkpointer(tmp_path).latest_step() == 3
-    train(tmp_path, RUN, MODEL, SINGLE)
-    a, data_a, meta = restore(straight_run, SINGLE)
-    b, data_b, _ = restore(tmp_path, SINGLE)
+    run_train(tmp_path, RUN)
+    a, data_a, meta = restore(straight_run)
+    b, data_b, _ = restore(tmp_path)
     assert int(a["step"]) == int(b["step"]) == 6
     assert_trees_equal(a, b)  # params and both Adam moments, bit for bit
     assert data_a == data_b and data_b["batches_consumed"] == 6
@@ -93,29 +57,24 @@ def test_stop_and_resume_is_bitwise_identical(straight_run, tmp_path):
 
 
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
-    train(tmp_path, TrainConfig(steps=1, batch_size=8, seq_len=32, eval_tasks=()), MODEL, FSDP_TP)
+    run_train(tmp_path, TrainConfig(steps=1, batch_size=8, seq_len=32, eval_tasks=()), layout=FSDP_TP)
     saved, _, _ = restore(tmp_path, FSDP_TP, devices=jax.devices())
     q = saved["params"]["layers"]["self_attn"]["q_proj"]
     assert q.sharding.spec[1:3] == ("fsdp", "tensor") and len(q.addressable_shards) == 8
     on_8x1, _, _ = restore(tmp_path, FSDP8, devices=jax.devices())
     assert on_8x1["params"]["layers"]["self_attn"]["q_proj"].sharding.spec[1] == "fsdp"
-    on_one, _, _ = restore(tmp_path, SINGLE)
+    on_one, _, _ = restore(tmp_path)
     assert_trees_equal(saved, on_8x1)
     assert_trees_equal(saved, on_one)
 
 
 def run_cli(workdir, *extra, failpoint=None):
-    env = dict(os.environ, FLM_JAX_FAILPOINT=failpoint or "")  # same XLA flags as the in-process run
-    bindings = [f"--gin.TeleFLMConfig.{k}={v!r}" for k, v in MODEL.to_dict().items()
-                if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                         "num_attention_heads", "max_position_embeddings", "output_mult", "mup_scale_factor",
-                         "remat_policy")]
-    bindings += ["--gin.TrainConfig.steps=6", "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=32",
-                 "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_tasks=()",
-                 "--gin.TrainConfig.checkpoint_every=2"]
-    return subprocess.run([sys.executable, "-m", "flm_jax.train", f"--workdir={workdir}", *bindings, *FAST_FLAGS,
-                           *extra],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bindings = ["--gin.TrainConfig.steps=6", "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=32",
+                "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_tasks=()",
+                "--gin.TrainConfig.checkpoint_every=2"]
+    # The same XLA flags as the in-process run.
+    return run_module("flm_jax.train", "--gin_file=gin/meshes/single.gin", f"--workdir={workdir}", *MODEL_FLAGS,
+                      *bindings, *FAST_FLAGS, *extra, env={"FLM_JAX_FAILPOINT": failpoint or ""})
 
 
 @pytest.mark.parametrize("failpoint", ["mid_step:5", "mid_save:4"])
@@ -130,8 +89,8 @@ def test_kill_9_resumes_from_last_complete_checkpoint(straight_run, tmp_path, fa
     resumed = run_cli(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"Resumed from {tmp_path}/checkpoints/{latest}" in resumed.stdout
-    a, _, _ = restore(straight_run, SINGLE)
-    b, _, _ = restore(tmp_path, SINGLE)
+    a, _, _ = restore(straight_run)
+    b, _, _ = restore(tmp_path)
     assert_trees_equal(a, b)
 
 
@@ -140,15 +99,15 @@ EXPERIMENTS = sorted(p.name for p in (REPO_ROOT / "gin/experiments").glob("*.gin
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_gin_runs_two_steps(name, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "flm_jax.train", f"--gin_file=gin/experiments/{name}",
-                          f"--workdir={tmp_path}", "--gin.TrainConfig.steps=2", "--gin.TrainConfig.eval_every=0",
-                          "--gin.TrainConfig.eval_tasks=('flm_prose',)"],
-                         cwd=REPO_ROOT, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
-                         timeout=300)
+    out = run_module("flm_jax.train", f"--gin_file=gin/experiments/{name}", f"--workdir={tmp_path}",
+                     "--gin.TrainConfig.steps=2", "--gin.TrainConfig.eval_every=0",
+                     "--gin.TrainConfig.eval_tasks=('flm_prose',)", env={"XLA_FLAGS": ""})
     assert out.returncode == 0, out.stderr[-3000:]
     last = metrics(tmp_path)[-1]
     assert last["step"] == 2 and np.isfinite(last["loss"]) and last["val_bpb"] > 0
-    assert "TrainConfig.steps = 2" in Path(tmp_path, "config.gin").read_text()
+    config_gin = Path(tmp_path, "config.gin").read_text()
+    assert "TrainConfig.steps = 2" in config_gin and "TeleFLMConfig.hidden_size = 256" in config_gin
+    assert "peak_flops_per_device.override = 178000000000.0" in config_gin  # the CPU peak MFU divided by
 
 
 def test_validation_bpb_equals_independent_nll_over_bytes(tmp_path):
@@ -161,9 +120,9 @@ def test_validation_bpb_equals_independent_nll_over_bytes(tmp_path):
     from flm_jax.model import TeleFLM
 
     seq_len = 64
-    last = train(tmp_path, TrainConfig(steps=1, batch_size=8, seq_len=seq_len, eval_tasks=("flm_code",),
-                                       eval_batch_size=32), MODEL, SINGLE)
-    params = restore(tmp_path, SINGLE)[0]["params"]
+    last = run_train(tmp_path, TrainConfig(steps=1, batch_size=8, seq_len=seq_len, eval_tasks=("flm_code",),
+                                           eval_batch_size=32))
+    params = restore(tmp_path)[0]["params"]
     with gzip.open(REPO_ROOT / "flm_jax/data/assets/code.jsonl.gz", "rt", encoding="utf-8") as f:
         texts = [r["text"] for r in map(json.loads, f) if r["split"] == "validation"]
     sp = data.load_sentencepiece()
@@ -188,9 +147,37 @@ def test_validation_bpb_equals_independent_nll_over_bytes(tmp_path):
 
 
 def test_resuming_with_another_model_shape_is_refused_and_keeps_the_checkpoint(straight_run):
-    from flm_jax.config import ConfigError
-
     with pytest.raises(ConfigError, match=r"hidden_size: checkpoint 64 vs config 128.*new --workdir"):
-        train(straight_run, RUN, MODEL.replace(hidden_size=128), SINGLE)
-    state, _, _ = restore(straight_run, SINGLE)
+        run_train(straight_run, RUN, model=MODEL.replace(hidden_size=128))
+    state, _, _ = restore(straight_run)
     assert int(state["step"]) == 6
+
+
+# What the pre-restructure code logged when it resumed tests/fixtures/legacy_grown_workdir (a 1-layer d=16 model,
+# trained 2 steps, MSG-grown to 2 layers d=32 with a 4-step ramp) to step 6: step, loss, mask, batch CRC32.
+LEGACY_RESUME = [(3, 7.622369766235352, 0.0, 2379013445), (4, 7.60430908203125, 0.25, 1514842668),
+                 (5, 7.598598480224609, 0.5, 1292582925), (6, 7.555919170379639, 0.75, 2482631332)]
+
+
+def test_a_workdir_written_by_the_previous_layout_resumes_exactly(tmp_path):
+    """The old config.gin (with bindings that no longer exist), the old metadata and the mid-ramp MSG state load;
+    the resumed run logs exactly what the old code logged."""
+    workdir = tmp_path / "legacy"
+    shutil.copytree(REPO_ROOT / "tests/fixtures/legacy_grown_workdir", workdir)
+    assert "make_optimizer.optimizer" in (workdir / "config.gin").read_text()
+    out = run_module("flm_jax.train", f"--workdir={workdir}", "--gin.TrainConfig.steps=6", env={"XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    logged = [(m["step"], m["loss"], m["growth_mask"], m["batch_crc32"]) for m in metrics(workdir)]
+    assert logged == LEGACY_RESUME
+    ckpt = Checkpointer(workdir)
+    assert ckpt.metadata(6)["grown_from"]["step"] == 2 and "growth" not in ckpt.metadata(6)  # ramp over at step 6
+    ckpt.close()
+    assert "make_optimizer.optimizer" not in (workdir / "config.gin").read_text()
+
+
+def test_a_run_whose_gin_files_name_no_model_stops_with_the_fix(tmp_path):
+    out = run_module("flm_jax.train", "--gin_file=gin/meshes/single.gin", f"--workdir={tmp_path}",
+                     env={"XLA_FLAGS": ""})
+    assert out.returncode == 2
+    assert "TeleFLMConfig" in out.stderr and "Include a model gin file" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "checkpoints").exists()

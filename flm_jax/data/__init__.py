@@ -10,7 +10,6 @@ from flm_jax.data.pipeline import (
     BatchIterator,
     ValidationSet,
     bits_per_byte,
-    make_batch_iterator,
     packed_dataset,
     validation_set,
 )
@@ -58,7 +57,6 @@ __all__ = [
     "get_vocabulary",
     "load_documents",
     "load_sentencepiece",
-    "make_batch_iterator",
     "packed_dataset",
     "prepare_tfds",
     "register_default_tasks",

@@ -140,7 +140,8 @@ def build(out_dir: str, kjv_jsonl: str | None = None) -> dict:
     }
     sources = {
         "prose": f"{KJV_PACKAGE} bible/data/kjv.jsonl (sha256 {KJV_SHA256})",
-        "code": f"CPython {platform.python_version()} standard library, .py files of {CODE_MIN_BYTES}-{CODE_MAX_BYTES} bytes",
+        "code": f"CPython {platform.python_version()} standard library, "
+        f".py files of {CODE_MIN_BYTES}-{CODE_MAX_BYTES} bytes",
     }
     for domain in corpus.DOMAINS:
         sha = corpus.write_snapshot(os.path.join(out_dir, f"{domain}.jsonl.gz"), docs[domain])

@@ -40,7 +40,7 @@ def snapshot_path(domain: str) -> str:
 
 def document_split(domain: str, doc_id: str) -> str:
     """'validation' for ~VALIDATION_PERCENT% of documents, chosen by a hash of (domain, id); else 'train'."""
-    digest = hashlib.sha256(f"{domain}/{doc_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{domain}/{doc_id}".encode()).digest()
     return "validation" if int.from_bytes(digest[:8], "big") % 100 < VALIDATION_PERCENT else "train"
 
 
@@ -63,7 +63,7 @@ def read_snapshot_bytes(path: str) -> bytes:
         return f.read()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(domain: str) -> tuple[Document, ...]:
     raw = read_snapshot_bytes(snapshot_path(domain))
     return tuple(Document(**json.loads(line)) for line in io.StringIO(raw.decode("utf-8")))

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
-import gin
 import numpy as np
+
+# isort: split  (TensorFlow's settings in flm_jax.data._tf apply before seqio / tfds import it)
+import seqio  # noqa: E402
 
 from flm_jax.data import tasks as tasks_lib
 from flm_jax.data._tf import tf
 from flm_jax.data.vocab import BOS_ID
-
-import seqio  # noqa: E402
 
 Batch = dict[str, np.ndarray]
 STATE_FORMAT = "flm_jax.data.BatchIterator/1"
@@ -156,24 +157,11 @@ class BatchIterator:
         return {"format": STATE_FORMAT, **dataclasses.asdict(self.spec), "batches_consumed": self._consumed}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], **kwargs) -> "BatchIterator":
+    def from_state(cls, state: dict[str, Any], **kwargs) -> BatchIterator:
         state = dict(state)
         if state.pop("format", None) != STATE_FORMAT:
             raise ValueError(f"not a {STATE_FORMAT} state: {state}")
         return cls(**state, **kwargs)
-
-
-@gin.configurable
-def make_batch_iterator(
-    name: str = tasks_lib.DEFAULT_MIXTURE,
-    split: str = "train",
-    batch_size: int = 8,
-    seq_len: int = 512,
-    seed: int = 0,
-    **kwargs,
-) -> BatchIterator:
-    """gin-friendly constructor of a BatchIterator (see its arguments)."""
-    return BatchIterator(name, split, batch_size, seq_len, seed, **kwargs)
 
 
 class ValidationSet(NamedTuple):

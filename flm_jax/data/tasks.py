@@ -11,21 +11,21 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from typing import Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+
+# isort: split  (TensorFlow's settings in flm_jax.data._tf apply before seqio / tfds import it)
+import seqio  # noqa: E402  (after _tf)
 
 import gin
-
 from flm_jax.data import corpus
 from flm_jax.data._tf import tf
 from flm_jax.data.vocab import get_vocabulary
-
-import seqio  # noqa: E402  (after _tf)
 
 TEXT_KEY = "text"
 SHUFFLE_BUFFER_SIZE = 256  # examples (chunks); documents are also fully shuffled at the source
 DEFAULT_MIXTURE = "flm_default"
 DEFAULT_MIXTURE_RATES = {"flm_prose": 0.7, "flm_code": 0.3}
-FilePatterns = Union[str, Sequence[str]]
+FilePatterns = str | Sequence[str]
 
 _TEXT_KEYS: dict[str, str] = {}  # task name -> the source feature that holds the document text
 
@@ -99,7 +99,9 @@ def _files_dataset_fn(split_to_filepattern: Mapping[str, FilePatterns], document
     """Reads sorted, globbed files: each whole file, each line, or each JSONL line's `text_key` is a document."""
 
     def parse_json(line):
-        get = lambda s: json.loads(s.numpy().decode("utf-8"))[text_key]
+        def get(s):
+            return json.loads(s.numpy().decode("utf-8"))[text_key]
+
         return tf.ensure_shape(tf.py_function(get, [line], tf.string), [])
 
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:

@@ -9,13 +9,14 @@ Once prepared, seqio.TfdsDataSource / tfds.load read the folder with no network 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
+
+# isort: split  (TensorFlow's settings in flm_jax.data._tf apply before seqio / tfds import it)
+import tensorflow_datasets as tfds  # noqa: E402
+from etils import epath  # noqa: E402
 
 from flm_jax.data import corpus
 from flm_jax.data._tf import tf  # noqa: F401  (TF settings before tfds imports it)
-
-import tensorflow_datasets as tfds  # noqa: E402
-from etils import epath  # noqa: E402
 
 TFDS_NAME = "flm_corpus"
 TFDS_VERSION = "1.0.0"

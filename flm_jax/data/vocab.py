@@ -5,14 +5,15 @@ from __future__ import annotations
 import functools
 import io
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 import sentencepiece as spm
 
+# isort: split  (TensorFlow's settings in flm_jax.data._tf apply before seqio / tfds import it)
+import seqio  # noqa: E402
+
 from flm_jax.data import _tf  # noqa: F401  (TF settings before seqio imports it)
 from flm_jax.data.corpus import ASSETS_DIR
-
-import seqio  # noqa: E402
 
 TOKENIZER_PATH = os.path.join(ASSETS_DIR, "tokenizer.model")
 VOCAB_SIZE = 2048  # a multiple of 128
@@ -61,7 +62,7 @@ def load_sentencepiece(path: str = TOKENIZER_PATH) -> spm.SentencePieceProcessor
     return spm.SentencePieceProcessor(model_file=path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_vocabulary(path: str = TOKENIZER_PATH) -> seqio.SentencePieceVocabulary:
     """The seqio vocabulary of the tokenizer at `path` (default: the committed one)."""
     return seqio.SentencePieceVocabulary(path)

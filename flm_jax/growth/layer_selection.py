@@ -6,12 +6,12 @@
 - even:       duplicate in place layers spread evenly over the stack
 - distance:   rank layers by 1 - cos(h_in, h_out) on a calibration batch and duplicate, in place, the ones that
               change the hidden state least (prefer='low') or most ('high'). Tele-FLM used a distance-based rule
-              whose exact form is unpublished (PAPER.md): this is one plausible reading, measure it.
+              whose exact form is unpublished (docs/paper.md): this is one plausible reading, measure it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -1,5 +1,5 @@
 """Growth operators: pure functions (source tree, source config, target config, spec) -> target tree, for the
-parameters and, with the same structure, for Adam's first (mu) and second (nu) moments. shared/GROWTH.md holds
+parameters and, with the same structure, for Adam's first (mu) and second (nu) moments. docs/growth_math.md holds
 the mathematics; the comments name the rule each branch implements.
 
 Every parameter axis belongs to a growth space (hidden, heads, kv_heads, ffn, vocab, layers) and is either read
@@ -9,7 +9,8 @@ Every parameter axis belongs to a growth space (hidden, heads, kv_heads, ffn, vo
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,7 @@ def _new_entries(x, axis: int, count: int, kind: str, role: str, space: str, std
     shape[axis] = count
     if kind == "mu":
         return jnp.zeros(shape, x.dtype)
-    if kind == "nu":  # a sensible v for new entries under the shared step count (GROWTH.md)
+    if kind == "nu":  # a sensible v for new entries under the shared step count (docs/growth_math.md)
         return jnp.full(shape, jnp.mean(x) if spec.new_moments == "mean" else 0.0, x.dtype)
     if role == "gain":
         return jnp.ones(shape, x.dtype)
@@ -75,8 +76,8 @@ def _new_entries(x, axis: int, count: int, kind: str, role: str, space: str, std
 
 
 def _duplicate(x, axis: int, k: int, kind: str, role: str, spec: GrowthSpec, key: jax.Array):
-    """k copies along `axis` (GROWTH.md, duplication): readers' copies carry W/k (+ zero-sum noise), so outputs
-    are unchanged; the gradient of each copy of a written axis is 1/k of the original, hence mu/k and nu/k^2."""
+    """k copies along `axis` (docs/growth_math.md, duplication): readers' copies carry W/k (+ zero-sum noise), so
+    outputs are unchanged; the gradient of each copy of a written axis is 1/k of the original, hence mu/k and nu/k^2."""
     tiled = jnp.concatenate([x] * k, axis=axis)
     if kind == "params" and role == "in":
         tiled = tiled / k
@@ -112,7 +113,7 @@ def grow_width(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSp
                                      jax.random.fold_in(key, 2 * axis + 1))
                 x = jnp.concatenate([x, fresh], axis=axis)
         if leaf_name(path) == "lm_head" and src.use_mup and tgt.mup_scale_factor != src.mup_scale_factor:
-            # μP readout (GROWTH.md): logits = output_mult / mup_scale_factor · U N(x); keep the product.
+            # μP readout (docs/growth_math.md): logits = output_mult / mup_scale_factor · U N(x); keep the product.
             ratio = tgt.mup_scale_factor / src.mup_scale_factor
             x = x * {"params": ratio, "mu": 1 / ratio, "nu": 1 / ratio**2}[kind]
         return x

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import gin
-
 from flm_jax.config import ConfigError, TeleFLMConfig
 
 MODES = ("exact", "msg")
@@ -19,7 +18,7 @@ NEW_MOMENT_POLICIES = ("mean", "zero")
 class GrowthSpec:
     """A growth of a trained model. Sizes left at None stay as they are.
 
-    mode 'exact': function-preserving operators (shared/GROWTH.md): hidden zero padding with the RMSNorm scale and
+    mode 'exact': function-preserving operators (docs/growth_math.md): hidden zero padding with the RMSNorm scale and
       eps correction, or k-fold duplication (+ zero padding of the remainder); new FFN units / heads with zeroed
       output weights, or duplicated units split between copies; new layers copied with zeroed output
       projections. 'msg': Masked Structural Growth: new structure keeps random weights and is multiplied by a mask
@@ -90,7 +89,7 @@ def target_config(src: TeleFLMConfig, spec: GrowthSpec) -> TeleFLMConfig:
         updates["mup_scale_factor"] = src.mup_scale_factor * D / d
     if spec.mode == "exact" and D != d:
         k = D // d if spec.hidden_method == "duplicate" else 1
-        rho_sq = k * d / D  # ms(P x) = rho^2 ms(x): k copies then zero padding (GROWTH.md)
+        rho_sq = k * d / D  # ms(P x) = rho^2 ms(x): k copies then zero padding (docs/growth_math.md)
         updates["rms_norm_eps"] = src.rms_norm_eps * rho_sq
         updates["rms_norm_scale"] = src.rms_norm_scale * rho_sq**0.5
     return src.replace(**updates)

@@ -1,13 +1,15 @@
-"""TrainConfig: the settings of one training run (gin-bound; kept apart from the `flm_jax.train` entry point so
-that `python -m flm_jax.train` does not register it twice)."""
+"""TrainConfig: the settings of one training run.
+
+gin binds it at the entry point (`TrainConfig.steps = ...`); it lives outside the `flm_jax.train` module so that
+`python -m flm_jax.train` does not register it twice, and it imports nothing from flm_jax.data (TensorFlow), so
+tools that never read data parse gin files that bind it without starting TensorFlow.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 import gin
-
-from flm_jax import data
 from flm_jax.config import ConfigError
 
 
@@ -18,7 +20,7 @@ class TrainConfig:
     batch_size: int = 8  # global, in packed sequences
     seq_len: int = 256
     num_microbatches: int = 1  # gradient accumulation inside one step
-    mixture: str = data.DEFAULT_MIXTURE
+    mixture: str = "flm_default"  # a seqio task or mixture; flm_default is the embedded corpus (docs/data.md)
     seed: int = 0  # parameter init and data order
     z_loss: float = 0.0
     log_every: int = 10

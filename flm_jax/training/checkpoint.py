@@ -1,4 +1,5 @@
-"""orbax checkpoints of the train state, the data-iterator position and self-describing metadata.
+"""A workdir's checkpoints and config.gin: orbax checkpoints of the train state, the data-iterator position and
+self-describing metadata.
 
 Layout of WORKDIR/checkpoints/<step>/:
   state/     params, optimizer state and step (orbax, OCDBT); stacked layer arrays are stored in one-layer chunks
@@ -7,6 +8,9 @@ Layout of WORKDIR/checkpoints/<step>/:
   metadata/  JSON: the model config (Hugging Face field names), the layer-stack layout, growth state, ...
 orbax writes each step into a temporary folder and renames it when complete, so a crash never leaves a partial
 checkpoint that `latest_step` would pick up.
+
+WORKDIR/config.gin holds the gin config of the run (its model, mesh, optimizer, training and hardware settings), so
+`python -m flm_jax.train --workdir=WORKDIR` with no --gin_file continues the same run.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ import orbax.checkpoint as ocp
 from flm_jax.config import TeleFLMConfig
 
 LAYER_STACK_LAYOUT = {"stacked_axis": 0, "collection": "layers", "scan": True}
+CONFIG_GIN = "config.gin"
+# Bindings that config.gin files of earlier flm_jax versions hold and that no longer exist: dropped when such a
+# file is read, so their workdirs still resume.
+OBSOLETE_BINDINGS = ("make_optimizer.optimizer", "MeshLayout.device_kind")
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -32,7 +40,7 @@ def _is_layer_stacked(path) -> bool:
 
 
 def layer_chunked_save_args(state: Any) -> Any:
-    """SaveArgs that store each stacked-layer array one layer per chunk (STACK.md: cheap one-layer reads)."""
+    """SaveArgs that store each stacked-layer array one layer per chunk (cheap one-layer reads, docs/stack.md)."""
 
     def args(path, x):
         if not _is_layer_stacked(path) or getattr(x, "ndim", 0) < 2:
@@ -42,6 +50,22 @@ def layer_chunked_save_args(state: Any) -> Any:
         return ocp.SaveArgs(chunk_byte_size=one_layer, shard_axes=(0,))
 
     return jax.tree_util.tree_map_with_path(args, state)
+
+
+def read_config_gin(workdir: str | Path) -> str | None:
+    """The workdir's config.gin, less obsolete bindings; None when there is none."""
+    path = Path(workdir) / CONFIG_GIN
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    return "\n".join(line for line in lines if not line.startswith(OBSOLETE_BINDINGS)) + "\n"
+
+
+def config_gin_with_model(base: str, config: TeleFLMConfig, comment: str) -> str:
+    """A config.gin: `base` (gin text) with its TeleFLMConfig bindings replaced by `config`'s."""
+    kept = [line for line in base.splitlines() if not line.startswith("TeleFLMConfig.")]
+    model = [f"TeleFLMConfig.{k} = {v!r}" for k, v in config.to_dict().items()]
+    return "\n".join([*kept, "", f"# {comment}", *model]) + "\n"
 
 
 def make_metadata(config: TeleFLMConfig, **extra: Any) -> dict[str, Any]:

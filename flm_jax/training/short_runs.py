@@ -1,13 +1,14 @@
 """Short in-memory training runs for μP sweeps and loss-prediction proxies: fixed batches, one device, no
-checkpoints. The step is the trainer's own (`train_state.make_train_step`), so what a sweep finds is what the
-trainer does."""
+checkpoints. The step is the trainer's own (`flm_jax.training.step.make_train_step`), so what a sweep finds is what
+the trainer does."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,8 +20,7 @@ from flm_jax.config import TeleFLMConfig
 from flm_jax.model import TeleFLM
 from flm_jax.optim import OptimizerConfig, make_optimizer
 from flm_jax.partitioning import MeshLayout
-from flm_jax.step import lm_loss
-from flm_jax.train_state import make_train_step
+from flm_jax.training.step import lm_loss, make_train_step
 
 
 def width_config(base: TeleFLMConfig, width: int, base_width: int, head_dim: int, mup: bool) -> TeleFLMConfig:
@@ -60,8 +60,8 @@ class RunResult:
 
 def activation_rms(config: TeleFLMConfig, params: Any, batch: dict) -> dict[str, list[float]]:
     """RMS of the embedding output, each layer's attention / MLP output and residual stream, and the logits."""
-    _, state = TeleFLM(config).apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-                                     mutable=["intermediates"])
+    _, state = TeleFLM(config, record_internals=True).apply(
+        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], mutable=["intermediates"])
     flat = jax.tree_util.tree_leaves_with_path(state["intermediates"])
     return {jax.tree_util.keystr(p[-2:-1], simple=True): np.atleast_1d(np.asarray(v)).tolist() for p, v in flat}
 
@@ -72,7 +72,7 @@ def run(config: TeleFLMConfig, optimizer: OptimizerConfig, train_batches: Sequen
     probe batch, the activation RMS per layer."""
     start = time.time()
     params = nn.meta.unbox(TeleFLM(config).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
-    tx, schedule = make_optimizer(params, config, len(train_batches), optimizer=optimizer)
+    tx, schedule = make_optimizer(params, config, optimizer, len(train_batches))
     step = jax.jit(make_train_step(config, tx, schedule, MeshLayout()), donate_argnums=0)
     state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
     losses = []

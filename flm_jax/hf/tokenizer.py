@@ -1,6 +1,6 @@
 """The tokenizer files of a Hugging Face export, built offline from the SentencePiece model.
 
-Recipe (../shared/STACK.md): `LlamaTokenizer(vocab_file=...)` gives an empty vocabulary and
+Recipe (docs/stack.md, transformers 5): `LlamaTokenizer(vocab_file=...)` gives an empty vocabulary and
 `LlamaTokenizer.from_pretrained` mis-tokenises some strings in transformers 5; what matches SentencePiece is
 AutoTokenizer on a folder holding the file as `tokenizer.model`, then `save_pretrained` (tokenizer.json). The export
 keeps tokenizer.model next to it (llama.cpp's converter and SentencePiece users read it) and names the class
@@ -32,9 +32,8 @@ def default_tokenizer_path() -> Path:
 
 def save_tokenizer(out_dir: str | Path, sp_model: str | Path, config: TeleFLMConfig) -> None:
     """Write tokenizer.json, tokenizer_config.json and tokenizer.model into out_dir, then check them."""
-    from transformers import AutoTokenizer
-
     import sentencepiece as spm
+    from transformers import AutoTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     pad = sp.id_to_piece(config.pad_token_id)
@@ -53,9 +52,8 @@ def save_tokenizer(out_dir: str | Path, sp_model: str | Path, config: TeleFLMCon
 
 def check_tokenizer(hf_dir: str | Path, sp_model: str | Path, bos_id: int, texts=CHECK_TEXTS) -> None:
     """Raise unless the saved tokenizer, reloaded offline, gives [bos] + SentencePiece's ids for every text."""
-    from transformers import AutoTokenizer
-
     import sentencepiece as spm
+    from transformers import AutoTokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     tokenizer = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)

@@ -3,32 +3,27 @@
 orbax restores whole leaves only, so this goes under it: each leaf of the 'state' item is a zarr array in the
 step's OCDBT key-value store, named by its tree path joined with '.' (e.g. 'params.layers.self_attn.q_proj').
 tensorstore opens that array and reads `array[i]`; training checkpoints store stacked layer arrays in one-layer
-chunks (checkpoint.layer_chunked_save_args), so reading layer i decompresses layer i only.
+chunks (flm_jax/training/checkpoint.py), so reading layer i decompresses layer i only.
 
-Growth checkpoints carry their mask state in metadata['growth']. A model in the middle of a mask ramp (0 < m < 1)
-is not a plain Llama model and is refused; masks at exactly 1 are the plain model; masks at exactly 0 are folded
-into a plain model by the growth package, through the hook described at `plain_source`.
+A grown checkpoint in the middle of its MSG ramp is not a plain model: `flm_jax.growth.fold.plain_source` turns a
+reader into the plain model it computes (or refuses).
 """
 
 from __future__ import annotations
 
-import importlib
-import numbers
 from pathlib import Path
 from typing import Any, Protocol
 
+import flax.linen as nn
+import jax
 import numpy as np
 import tensorstore as ts
 
-from flm_jax.checkpoint import Checkpointer, checkpoint_dir
 from flm_jax.config import TeleFLMConfig
-from flm_jax.hf_layout import ALL_TENSORS
+from flm_jax.params import boxed_abstract_params
+from flm_jax.training.checkpoint import Checkpointer, checkpoint_dir
 
 TreePath = tuple[str, ...]
-
-
-class GrowthRampError(ValueError):
-    """The checkpoint is mid-way through a growth mask ramp: its function is not a plain model's."""
 
 
 class ParamSource(Protocol):
@@ -97,61 +92,6 @@ class CheckpointReader:
 
 def read_params(source: ParamSource) -> dict:
     """The whole parameter tree as nested dicts of numpy arrays (small models: generate, tests)."""
-    tree: dict = {}
-    for tensor in ALL_TENSORS:
-        node = tree
-        for key in tensor.path[:-1]:
-            node = node.setdefault(key, {})
-        node[tensor.path[-1]] = source.read(tensor.path)
-    return tree
-
-
-def growth_masks(metadata: dict[str, Any], step: int) -> list[float]:
-    """The mask values of a growth checkpoint at `step` (empty for a plain one). metadata['growth'] holds either
-    explicit values ('mask' or 'masks': a number, or a list or dict of numbers) or an MSG ramp
-    ('start_step', 'ramp_steps': m = clip((step - start_step) / ramp_steps, 0, 1), as flm_jax.growth.msg)."""
-    growth = metadata.get("growth") or {}
-    found: list[float] = []
-
-    def collect(value):
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            found.append(float(value))
-        elif isinstance(value, dict):
-            for v in value.values():
-                collect(v)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                collect(v)
-
-    for key in ("mask", "masks"):
-        collect(growth.get(key))
-    if not found and "start_step" in growth and "ramp_steps" in growth:
-        ramp = max(float(growth["ramp_steps"]), 1e-9)
-        found.append(min(max((step - float(growth["start_step"])) / ramp, 0.0), 1.0))
-    return found
-
-
-def plain_source(reader: CheckpointReader) -> ParamSource:
-    """The checkpoint as a plain (mask-free) model; a GrowthRampError for one mid-way through a mask ramp.
-
-    Masks all at 1: the masked model is exactly the plain grown model (GROWTH.md), so the parameters are read as
-    they are. Any mask at exactly 0 (and none strictly between): hook for the growth package, which folds the
-    masks into an equivalent plain model: `flm_jax.growth.fold_for_export(reader) -> ParamSource` (its `config`,
-    and `shape` / `read` / `read_layer` of the folded parameters). Until it exists such checkpoints are refused.
-    """
-    masks = growth_masks(reader.metadata, reader.step)
-    if all(m == 1.0 for m in masks):
-        return reader
-    ramping = sorted({m for m in masks if 0.0 < m < 1.0})
-    if ramping:
-        raise GrowthRampError(
-            f"checkpoint step {reader.step} is in the middle of a growth mask ramp (mask {ramping}): its function "
-            "is neither the source model nor the plain grown model, so it cannot be exported as a plain model. "
-            "Export a checkpoint from before the growth, or one from after the ramp has reached mask 1.")
-    try:
-        fold = importlib.import_module("flm_jax.growth").fold_for_export
-    except (ImportError, AttributeError):
-        raise GrowthRampError(
-            f"checkpoint step {reader.step} carries growth masks at 0; folding them into a plain model needs "
-            "flm_jax.growth.fold_for_export, which this installation does not provide yet.") from None
-    return fold(reader)
+    abstract = nn.meta.unbox(boxed_abstract_params(source.config))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: source.read(tuple(str(k.key) for k in path)), abstract)

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 import ml_dtypes
 import numpy as np
+
+from flm_jax.config import ConfigError
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 NUMPY_DTYPES = {"float32": np.dtype("<f4"), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -33,7 +36,7 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"size {text!r} is not a number of bytes such as 5GB, 500MB or 2GiB")
+        raise ConfigError(f"size {text!r} is not a number of bytes such as 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 

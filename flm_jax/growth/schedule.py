@@ -1,0 +1,97 @@
+"""A growth schedule, Tele-FLM style: train, grow, train, grow, train, each stage in WORKDIR/stage<i>; the library
+behind `python -m flm_jax.schedule`.
+
+A stage is {"steps": the step it trains to (the count runs on across stages), "gin_files": [gin files of its
+training run], "growth": a growth gin file (stages after the first)}. Every stage runs `flm_jax.train` (and, from
+the second stage on, `flm_jax.grow` first) in its own process, so each sees only its own gin config: a grown
+stage trains with the config.gin that grow wrote (the grown model) followed by its own gin files. Finished stages
+are skipped when the schedule runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gin
+from flm_jax.config import ConfigError
+from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+STAGE_KEYS = ("steps", "gin_files", "growth")
+
+
+@gin.configurable
+def stages(stages: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """The stages of the schedule gin file (see the module docstring)."""
+    if not stages:
+        raise ConfigError("no stages: bind stages.stages in the schedule gin file.")
+    for i, stage in enumerate(stages, start=1):
+        unknown = sorted(set(stage) - set(STAGE_KEYS))
+        if unknown or "steps" not in stage:
+            raise ConfigError(f"stage {i} of stages.stages has keys {sorted(stage)}; a stage has 'steps' and "
+                              f"optionally 'gin_files' and 'growth' (put bindings in a stage gin file).")
+    return [dict(s) for s in stages]
+
+
+def run(cmd: list[str]) -> float:
+    print("$ " + " ".join(cmd), flush=True)
+    started = time.time()
+    subprocess.run([sys.executable, "-m", *cmd], check=True, cwd=REPO_ROOT)
+    return time.time() - started
+
+
+def metrics(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def run_schedule(workdir: Path, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for i, stage in enumerate(plan, start=1):
+        stage_dir, row = workdir / f"stage{i}", {"stage": i}
+        gin_files = [f"--gin_file={f}" for f in stage.get("gin_files", [])]
+        if i > 1 and stage.get("growth"):
+            if not (stage_dir / "growth.json").exists():
+                row["grow_seconds"] = run(["flm_jax.grow", f"--gin_file={stage['growth']}",
+                                           f"--from_workdir={workdir / f'stage{i - 1}'}", f"--workdir={stage_dir}"])
+            row["growth"] = json.loads((stage_dir / "growth.json").read_text())
+            gin_files.insert(0, f"--gin_file={stage_dir / CONFIG_GIN}")  # the grown model
+        latest = Checkpointer(stage_dir).latest_step() if (stage_dir / "checkpoints").exists() else None
+        if latest is None or latest < stage["steps"]:
+            row["train_seconds"] = run(["flm_jax.train", *gin_files, f"--workdir={stage_dir}",
+                                        f"--gin.TrainConfig.steps={stage['steps']}"])
+        logged = metrics(stage_dir)
+        evaluated = [m for m in logged if "val_loss" in m]
+        row.update(steps=stage["steps"], first_loss=logged[0]["loss"] if logged else None,
+                   last_loss=logged[-1]["loss"] if logged else None,
+                   val_loss=evaluated[-1]["val_loss"] if evaluated else None,
+                   val_bpb=evaluated[-1]["val_bpb"] if evaluated else None,
+                   tokens_per_sec=logged[-1]["tokens_per_sec"] if logged else None)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        if "growth" in row:
+            g = row["growth"]
+            lines.append(f"growth into stage {row['stage']}: {g['source_params']:,} -> {g['target_params']:,} "
+                         f"parameters, probe loss {g['loss_before']:.4f} -> {g['loss_after']:.4f}, max |Δlogit| "
+                         f"{g['max_abs_dlogit']:.2e}, {g['grow_seconds']:.1f} s, peak RSS {g['peak_rss_mib']:.0f} MiB")
+    lines.append(f"{'stage':>5} {'to step':>8} {'first loss':>10} {'last loss':>10} {'val loss':>9} {'val bpb':>8} "
+                 f"{'tok/s':>7} {'train s':>8}")
+    for row in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"{row['stage']:>5} {row['steps']:>8} {fmt(row['first_loss'], '10.4f')} "
+                     f"{fmt(row['last_loss'], '10.4f')} {fmt(row['val_loss'], '9.4f')} {fmt(row['val_bpb'], '8.4f')} "
+                     f"{fmt(row['tokens_per_sec'], '7.0f')} {fmt(row.get('train_seconds'), '8.1f')}")
+    return "\n".join(lines)

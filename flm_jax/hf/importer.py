@@ -1,0 +1,162 @@
+"""Import Hugging Face weights into a flm_jax workdir (the library behind `python -m flm_jax.import_hf`).
+
+Reads a Llama-layout or TeleFLM-layout folder (safetensors, sharded or not; `.bin` only through
+`torch.load(weights_only=True)`) and writes DIR/checkpoints/0 (params, a fresh optimizer state, an empty data
+state, self-describing metadata) and DIR/config.gin, so `python -m flm_jax.train --workdir=DIR` continues from it.
+
+μP multipliers:
+  teleflm  config.json carries use_mup, input_mult, output_mult, mup_scale_factor; weights are taken as they are.
+  llama    a plain Llama folder becomes a use_mup=False model with its weights as they are. A folder written by
+           `flm_jax.export --format=llama` records the multipliers it folded (config.json 'flm_jax_folded_mup'):
+           they are unfolded (embedding / input_mult, head / (output_mult / mup_scale_factor)), giving back the μP
+           model. --use_mup=true|false and --input_mult/--output_mult/--mup_scale_factor override that.
+Tensors missing from the folder, of the wrong shape, or unknown to the architecture are named in the error.
+Runtime settings (TeleFLMConfig.dtype, param_dtype, remat_policy) and the mesh layout are arguments (the command
+line takes them from --gin_file/--gin.X).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.hf.layout import (
+    EMBED,
+    FOLDED_MUP_KEY,
+    IGNORED_HF_SUFFIXES,
+    LM_HEAD,
+    MUP_FIELDS,
+    TELEFLM,
+    Tensor,
+    config_from_hf,
+    fold_factor,
+    hf_format,
+    hf_order,
+)
+from flm_jax.hf.weights import HFWeights
+from flm_jax.optim import OptimizerConfig
+from flm_jax.params import boxed_abstract_params
+from flm_jax.partitioning import MeshLayout, make_mesh
+from flm_jax.training.checkpoint import Checkpointer, checkpoint_dir, make_metadata
+from flm_jax.training.state import StateSpec, init_state
+
+MAX_NAMED = 12  # tensors listed per kind of problem in an error
+
+
+class HFImportError(ConfigError):
+    """The folder does not hold the tensors the config describes; the message names them."""
+
+
+def resolve_mup(hf: dict[str, Any], fmt: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The μP fields of the imported model (see the module docstring)."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    defaults = {"use_mup": False, "input_mult": 1.0, "output_mult": 1.0, "mup_scale_factor": 1.0}
+    if fmt == TELEFLM:
+        if overrides:
+            raise ConfigError(f"a TeleFLM folder carries its own μP fields; drop {sorted(overrides)}.")
+        return {**defaults, "use_mup": True, **{k: hf[k] for k in MUP_FIELDS if k in hf}}
+    recorded = {k: v for k, v in (hf.get(FOLDED_MUP_KEY) or {}).items() if k in MUP_FIELDS}
+    return {**defaults, **recorded, **overrides}
+
+
+def expected_tensors(config: TeleFLMConfig) -> list[tuple[Tensor, int | None, tuple[int, ...]]]:
+    """(tensor, layer, flm_jax shape of one layer) in file order, shapes from the model's own init."""
+    abstract = nn.meta.unbox(boxed_abstract_params(config))
+
+    def shape(path):
+        node = abstract
+        for key in path:
+            node = node[key]
+        return tuple(node.shape[1:] if path[0] == "layers" else node.shape)
+
+    return [(t, i, shape(t.path)) for t, i in hf_order(config.num_hidden_layers)]
+
+
+def check_tensors(weights: HFWeights, expected, tied: bool) -> None:
+    """Raise HFImportError naming every missing, misshapen or unknown tensor."""
+    present = set(weights.names())
+    missing, misshapen = [], []
+    for tensor, layer, flm_shape in expected:
+        name = tensor.name(layer)
+        if name not in present:
+            if not (tied and tensor is LM_HEAD):
+                missing.append(name)
+        elif weights.shape(name) != tensor.hf_shape(flm_shape):
+            misshapen.append(f"{name} {list(weights.shape(name))} (expected {list(tensor.hf_shape(flm_shape))})")
+    known = {t.name(i) for t, i, _ in expected}
+    unknown = sorted(n for n in present - known if not n.endswith(IGNORED_HF_SUFFIXES))
+    problems = [f"{label}: {', '.join(names[:MAX_NAMED])}" + (f" (+{len(names) - MAX_NAMED} more)"
+                                                              if len(names) > MAX_NAMED else "")
+                for label, names in (("missing", missing), ("wrong shape", misshapen), ("unexpected", unknown))
+                if names]
+    if problems:
+        raise HFImportError(f"{weights.dir} does not match its config.json: " + "; ".join(problems))
+
+
+def read_params(weights: HFWeights, expected, config: TeleFLMConfig, fmt: str, tied: bool) -> dict:
+    """Nested dicts of numpy arrays in flm_jax layout (stacked layers), multipliers unfolded, in param_dtype."""
+    dtype = np.dtype(jnp.dtype(config.param_dtype))
+    tree: dict = {}
+    for tensor, layer, flm_shape in expected:
+        name = tensor.name(layer)
+        if tied and tensor is LM_HEAD and name not in weights.file_of:
+            name = EMBED.name()  # tied embeddings: the head starts as an untied copy
+        w = weights.read(name)
+        factor = fold_factor(tensor, config, fmt)
+        if factor != 1.0:
+            w = w.astype(np.float32) / np.float32(factor)
+        x = tensor.from_hf(w, flm_shape).astype(dtype)
+        node = tree
+        for key in tensor.path[:-1]:
+            node = node.setdefault(key, {})
+        if layer is None:
+            node[tensor.path[-1]] = x
+        else:
+            if layer == 0:
+                node[tensor.path[-1]] = np.empty((config.num_hidden_layers,) + x.shape, dtype)
+            node[tensor.path[-1]][layer] = x
+    return tree
+
+
+def import_hf(hf_dir: str | Path, workdir: str | Path, layout: MeshLayout, runtime: dict[str, Any] | None = None,
+              use_mup: bool | None = None, input_mult: float | None = None, output_mult: float | None = None,
+              mup_scale_factor: float | None = None) -> TeleFLMConfig:
+    """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir; returns the model config.
+    `runtime` sets TeleFLMConfig's runtime fields (dtype, param_dtype, remat_policy); the rest comes from the
+    folder's config.json (see the module docstring for the μP fields)."""
+    hf_dir, workdir = Path(hf_dir), Path(workdir)
+    if checkpoint_dir(workdir).is_dir() and any(checkpoint_dir(workdir).iterdir()):
+        raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir.")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    fmt = hf_format(hf)
+    mup = resolve_mup(hf, fmt, {"use_mup": use_mup, "input_mult": input_mult, "output_mult": output_mult,
+                                "mup_scale_factor": mup_scale_factor})
+    config = config_from_hf(hf, mup, runtime or {})
+    tied = bool(hf.get("tie_word_embeddings", False))
+    weights = HFWeights(hf_dir)
+    expected = expected_tensors(config)
+    check_tensors(weights, expected, tied)
+    params_np = read_params(weights, expected, config, fmt, tied)
+
+    mesh = make_mesh(layout)
+    # Only the state's structure matters (a fresh optimizer state); the next run builds its own optimizer.
+    spec = StateSpec.build(config, OptimizerConfig(), mesh, layout, total_steps=1)
+    params = jax.tree_util.tree_map(
+        lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]),
+        params_np, spec.shardings["params"])
+    del params_np
+    state = init_state(params, spec.tx, spec.shardings)
+    metadata = make_metadata(config, imported_from={"hf_dir": str(hf_dir.resolve()), "format": fmt,
+                                                    "weights": weights.kind})
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(0, state, {}, metadata, force=True)
+    ckpt.wait()
+    ckpt.close()
+    return config

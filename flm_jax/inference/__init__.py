@@ -1,0 +1,1 @@
+"""Inference: generation from a checkpoint's parameters."""
