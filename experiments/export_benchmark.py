@@ -2,8 +2,8 @@
 
     python -m experiments.export_benchmark --out runs/export_benchmark
 
-Writes a randomly initialised μP checkpoint (params + Adam state, saved with flm_jax.training.checkpoint's one-
-layer chunks), then runs `python -m flm_jax.export` in fresh processes (llama float32, llama bfloat16, teleflm
+Writes a randomly initialised μP checkpoint (params + Adam state, saved with flm_jax.training.checkpoint's
+one-layer chunks), then runs `python -m flm_jax.export` in fresh processes (llama float32, llama bfloat16, teleflm
 float32) and reads each one's peak RSS from its own report. For scale it also measures, in fresh processes, the RSS
 of the imports alone and of reading every parameter into memory at once (what a non-streaming export would hold),
 and the cost of one-layer reads. Writes OUT/export_benchmark.json. `weights_s` / `peak_rss_before_tokenizer_mib`:

@@ -34,7 +34,7 @@ def test_two_processes_train_like_one_host(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    assert outs[0][0].strip() and not outs[1][0].strip()  # only process 0 prints
+    assert "loss" in outs[0][0] and "loss" not in outs[1][0]  # only process 0 prints progress
     multi = [json.loads(x) for x in Path(tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in multi] == [1, 2]  # only process 0 writes metrics
     assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["1", "2"]
