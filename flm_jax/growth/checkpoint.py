@@ -22,7 +22,7 @@ import jax
 from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.growth import grow
 from flm_jax.growth.calibration import layer_distances, preservation, probe_batch
-from flm_jax.growth.msg import METADATA_KEY
+from flm_jax.growth.msg import METADATA_KEY, MSGRamp
 from flm_jax.growth.spec import GrowthSpec, target_config
 from flm_jax.optim import OptimizerConfig
 from flm_jax.partitioning import MeshLayout, make_mesh
@@ -47,9 +47,10 @@ def grow_checkpoint(src_workdir: str | Path, dst_workdir: str | Path, spec: Grow
         raise ConfigError(f"{src_workdir} has no checkpoint{'' if step is None else f' at step {step}'} "
                           f"(it has {src_ckpt.all_steps()}).")
     src_meta = src_ckpt.metadata(step)
-    if src_meta.get("growth"):
+    ramp = MSGRamp.from_metadata(src_meta)
+    if ramp is not None:
         raise ConfigError(f"The checkpoint at step {step} is in the middle of a growth ramp (mask "
-                          f"{src_meta['growth'].get('mask')}); train past the ramp before growing again.")
+                          f"{float(ramp.value(step)):g}); train past the ramp before growing again.")
     src_cfg = TeleFLMConfig.from_dict(src_meta["model_config"])
     tgt_cfg = target_config(src_cfg, spec)  # raises for shrinking, head_dim changes, broken kv groups
     mesh = make_mesh(layout)

@@ -2,8 +2,8 @@
 
 Every setting arrives as an argument (the entry point resolves gin once): the model, the mesh layout, the optimizer,
 the TrainConfig and the hardware peak used for MFU. A resumed run takes the model shape from the checkpoint's
-metadata and must match it. Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/ and WORKDIR/checkpoints/; the entry
-point writes WORKDIR/config.gin.
+metadata and must match it. Writes WORKDIR/metrics.jsonl, WORKDIR/tensorboard/, WORKDIR/checkpoints/ and
+WORKDIR/config.gin (the gin text the entry point passes).
 """
 
 from __future__ import annotations
