@@ -26,9 +26,18 @@ from flm_jax.config import TeleFLMConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
-CONFIG = TeleFLMConfig(vocab_size=16384, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=12, max_position_embeddings=2048, use_mup=True, output_mult=0.5,
-                       mup_scale_factor=3.0, remat_policy="none")
+CONFIG = TeleFLMConfig(
+    vocab_size=16384,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=2048,
+    use_mup=True,
+    output_mult=0.5,
+    mup_scale_factor=3.0,
+    remat_policy="none",
+)
 
 RSS_SNIPPET = "from flm_jax.export import peak_rss_mib; print('PEAK_RSS_MIB', peak_rss_mib())"
 
@@ -59,8 +68,13 @@ def dir_bytes(path: Path) -> int:
 
 def run(args: list[str]) -> tuple[float, str]:
     start = time.time()
-    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    out = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return time.time() - start, out.stdout
@@ -85,8 +99,13 @@ def layer_read_costs(workdir: Path) -> dict:
     start = time.time()
     reader.read(path)
     whole = time.time() - start
-    return {"array": "layers/mlp/up_proj", "one_layer_chunks": reader.layer_chunked(path),
-            "one_layer_s": single, "all_layers_one_at_a_time_s": one_by_one, "whole_array_s": whole}
+    return {
+        "array": "layers/mlp/up_proj",
+        "one_layer_chunks": reader.layer_chunked(path),
+        "one_layer_s": single,
+        "all_layers_one_at_a_time_s": one_by_one,
+        "whole_array_s": whole,
+    }
 
 
 def main() -> None:
@@ -99,30 +118,53 @@ def main() -> None:
     params = CONFIG.params_total()
     one_layer = CONFIG.params_per_layer() * 4
     result = {
-        "config": CONFIG.to_dict(), "params": params, "params_float32_mib": params * 4 / 2**20,
-        "one_layer_float32_mib": one_layer / 2**20, "embedding_float32_mib": CONFIG.params_embedding() * 4 / 2**20,
+        "config": CONFIG.to_dict(),
+        "params": params,
+        "params_float32_mib": params * 4 / 2**20,
+        "one_layer_float32_mib": one_layer / 2**20,
+        "embedding_float32_mib": CONFIG.params_embedding() * 4 / 2**20,
         "checkpoint_on_disk_mib": dir_bytes(workdir / "checkpoints") / 2**20,
-        "checkpoint_write_s": made, "cpu_count": os.cpu_count(), "layer_reads": layer_read_costs(workdir),
+        "checkpoint_write_s": made,
+        "cpu_count": os.cpu_count(),
+        "layer_reads": layer_read_costs(workdir),
     }
     _, stdout = run(["-c", "import flm_jax.export, flm_jax.training.checkpoint_reader; " + RSS_SNIPPET])
     result["imports_only_peak_rss_mib"] = peak_from(stdout, r"PEAK_RSS_MIB ([0-9.]+)")
     _, stdout = run(["-c", "import flm_jax.export; from transformers import AutoTokenizer; " + RSS_SNIPPET])
     result["imports_with_transformers_peak_rss_mib"] = peak_from(stdout, r"PEAK_RSS_MIB ([0-9.]+)")
-    _, stdout = run(["-c", "from flm_jax.training.checkpoint_reader import CheckpointReader, read_params; "
-                           f"tree = read_params(CheckpointReader({str(workdir)!r})); " + RSS_SNIPPET])
+    _, stdout = run(
+        [
+            "-c",
+            "from flm_jax.training.checkpoint_reader import CheckpointReader, read_params; "
+            f"tree = read_params(CheckpointReader({str(workdir)!r})); " + RSS_SNIPPET,
+        ]
+    )
     result["all_params_in_memory_peak_rss_mib"] = peak_from(stdout, r"PEAK_RSS_MIB ([0-9.]+)")
 
     result["exports"] = []
     for fmt, dtype in (("llama", "float32"), ("llama", "bfloat16"), ("teleflm", "float32")):
         hf_dir = out / f"hf_{fmt}_{dtype}"
-        wall, stdout = run(["-m", "flm_jax.export", f"--workdir={workdir}", f"--out={hf_dir}", f"--format={fmt}",
-                            f"--dtype={dtype}", "--overwrite"])
-        entry = {"format": fmt, "dtype": dtype, "process_wall_s": wall,
-                 "export_s": peak_from(stdout, r"done in ([0-9.]+) s"),
-                 "peak_rss_mib": peak_from(stdout, r"peak RSS +([0-9.]+) MiB"),
-                 "weights_s": peak_from(stdout, r"head written +([0-9.]+) s"),
-                 "peak_rss_before_tokenizer_mib": peak_from(stdout, r"head written .* peak RSS +([0-9.]+) MiB"),
-                 "output_mib": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 2**20}
+        wall, stdout = run(
+            [
+                "-m",
+                "flm_jax.export",
+                f"--workdir={workdir}",
+                f"--out={hf_dir}",
+                f"--format={fmt}",
+                f"--dtype={dtype}",
+                "--overwrite",
+            ]
+        )
+        entry = {
+            "format": fmt,
+            "dtype": dtype,
+            "process_wall_s": wall,
+            "export_s": peak_from(stdout, r"done in ([0-9.]+) s"),
+            "peak_rss_mib": peak_from(stdout, r"peak RSS +([0-9.]+) MiB"),
+            "weights_s": peak_from(stdout, r"head written +([0-9.]+) s"),
+            "peak_rss_before_tokenizer_mib": peak_from(stdout, r"head written .* peak RSS +([0-9.]+) MiB"),
+            "output_mib": sum(f.stat().st_size for f in hf_dir.glob("*.safetensors")) / 2**20,
+        }
         result["exports"].append(entry)
         print(json.dumps(entry), flush=True)
     (out / "export_benchmark.json").write_text(json.dumps(result, indent=1) + "\n")

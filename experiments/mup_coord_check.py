@@ -19,7 +19,6 @@ from flm_jax.training.short_runs import draw_batches, proxy_config, run
 WIDTHS = (128, 256, 512, 1024)  # an 8x range
 
 
-
 def coord_check(steps: int, lr: float, seeds: int) -> dict:
     batches = draw_batches("flm_default", "train", steps + 1, batch_size=4, seq_len=64, seed=1)
     optimizer = OptimizerConfig(peak_learning_rate=lr, warmup_steps=0, schedule="constant", weight_decay=0.0)
@@ -28,22 +27,36 @@ def coord_check(steps: int, lr: float, seeds: int) -> dict:
         per_width = {}
         for width in WIDTHS:
             cfg = proxy_config(width, WIDTHS[0], num_layers=2, head_dim=32, seq_len=64, mup=mup)
-            runs = [run(cfg, optimizer, batches[:steps], probe=batches[-1], seed=s).activation_rms
-                    for s in range(seeds)]
-            per_width[width] = {k: [sum(r[k][i] for r in runs) / seeds for i in range(len(runs[0][k]))]
-                                for k in runs[0]}
-            print(f"{name} width {width}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in per_width[width].items()),
-                  flush=True)
+            runs = [
+                run(cfg, optimizer, batches[:steps], probe=batches[-1], seed=s).activation_rms for s in range(seeds)
+            ]
+            per_width[width] = {
+                k: [sum(r[k][i] for r in runs) / seeds for i in range(len(runs[0][k]))] for k in runs[0]
+            }
+            print(
+                f"{name} width {width}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in per_width[width].items()),
+                flush=True,
+            )
         ratios = {}
         for key, values in per_width[WIDTHS[-1]].items():
             for layer, wide in enumerate(values):
                 r = wide / per_width[WIDTHS[0]][key][layer]
                 ratios[f"{key}[{layer}]" if len(values) > 1 else key] = max(r, 1 / r)
-        results[name] = {"rms": {str(w): v for w, v in per_width.items()}, "ratios": ratios,
-                         "max_ratio": max(ratios.values())}
-    return {"widths": list(WIDTHS), "steps": steps, "learning_rate": lr, "seeds": seeds,
-            "mup_max_ratio": results["mup"]["max_ratio"], "sp_max_ratio": results["sp"]["max_ratio"],
-            "mup": results["mup"], "sp": results["sp"]}
+        results[name] = {
+            "rms": {str(w): v for w, v in per_width.items()},
+            "ratios": ratios,
+            "max_ratio": max(ratios.values()),
+        }
+    return {
+        "widths": list(WIDTHS),
+        "steps": steps,
+        "learning_rate": lr,
+        "seeds": seeds,
+        "mup_max_ratio": results["mup"]["max_ratio"],
+        "sp_max_ratio": results["sp"]["max_ratio"],
+        "mup": results["mup"],
+        "sp": results["sp"],
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -60,8 +73,12 @@ def plot(result: dict, path: Path) -> None:
             for layer in range(layers):
                 ys = [result[name]["rms"][str(w)][key][layer] for w in result["widths"]]
                 ax.plot(result["widths"], ys, marker="o", label=f"{key}" + (f"[{layer}]" if layers > 1 else ""))
-        ax.set(xscale="log", yscale="log", xlabel="width (hidden size)", title=f"{name.upper()}: max ratio "
-               f"{result[name]['max_ratio']:.2f} after {result['steps']} Adam steps")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="width (hidden size)",
+            title=f"{name.upper()}: max ratio {result[name]['max_ratio']:.2f} after {result['steps']} Adam steps",
+        )
     axes[0].set_ylabel("activation RMS")
     axes[1].legend(fontsize=7)
     fig.tight_layout()

@@ -37,8 +37,16 @@ class TransferSweep:
     eval_batches: int = 16
 
 
-QUICK = TransferSweep(widths=(64, 128, 256), lr_exponents=(-9, -8, -7, -6, -5), steps=100, batch_size=8,
-                      seq_len=128, num_layers=2, warmup_steps=6, eval_batches=4)
+QUICK = TransferSweep(
+    widths=(64, 128, 256),
+    lr_exponents=(-9, -8, -7, -6, -5),
+    steps=100,
+    batch_size=8,
+    seq_len=128,
+    num_layers=2,
+    warmup_steps=6,
+    eval_batches=4,
+)
 
 
 def runs_of(sweep: TransferSweep) -> list[tuple[str, int, int]]:
@@ -53,13 +61,23 @@ def execute(sweep: TransferSweep, task_index: int, num_tasks: int) -> list[dict]
         if i % num_tasks != task_index:
             continue
         cfg = proxy_config(width, sweep.widths[0], sweep.num_layers, sweep.head_dim, sweep.seq_len, param == "mup")
-        opt = OptimizerConfig(peak_learning_rate=2.0**exponent, warmup_steps=sweep.warmup_steps, schedule="cosine",
-                              weight_decay=0.0)
+        opt = OptimizerConfig(
+            peak_learning_rate=2.0**exponent, warmup_steps=sweep.warmup_steps, schedule="cosine", weight_decay=0.0
+        )
         result = run(cfg, opt, train, held_out)
-        records.append({"param": param, "width": width, "lr": 2.0**exponent, "eval_loss": result.eval_loss,
-                        "seconds": result.seconds})
-        print(f"{param:3} width {width:5} lr 2^{exponent:<3} eval loss {result.eval_loss:.4f} "
-              f"({result.seconds:.0f}s)", flush=True)
+        records.append(
+            {
+                "param": param,
+                "width": width,
+                "lr": 2.0**exponent,
+                "eval_loss": result.eval_loss,
+                "seconds": result.seconds,
+            }
+        )
+        print(
+            f"{param:3} width {width:5} lr 2^{exponent:<3} eval loss {result.eval_loss:.4f} ({result.seconds:.0f}s)",
+            flush=True,
+        )
     return records
 
 
@@ -90,8 +108,11 @@ def plot(result: dict, path: Path) -> None:
         for width in result["widths"]:
             ys = [y if math.isfinite(y) else float("nan") for y in result[f"{param}_eval_loss"][str(width)]]
             ax.plot(result["lr_grid"], ys, marker="o", label=f"width {width}")
-        ax.set(xscale="log", xlabel="peak learning rate", title=f"{param.upper()}: best lr moves "
-               f"{result[f'{param}_max_shift_steps']} grid step(s)")
+        ax.set(
+            xscale="log",
+            xlabel="peak learning rate",
+            title=f"{param.upper()}: best lr moves {result[f'{param}_max_shift_steps']} grid step(s)",
+        )
     axes[0].set_ylabel("validation loss")
     axes[0].legend()
     fig.tight_layout()
@@ -119,8 +140,9 @@ def main() -> None:
     result = summarise(sweep, records)
     (out / "transfer.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "transfer.png")
-    print(json.dumps({k: result[k] for k in ("mup_best_lr", "sp_best_lr", "mup_max_shift_steps",
-                                             "sp_max_shift_steps")}))
+    print(
+        json.dumps({k: result[k] for k in ("mup_best_lr", "sp_best_lr", "mup_max_shift_steps", "sp_max_shift_steps")})
+    )
 
 
 if __name__ == "__main__":

@@ -32,38 +32,48 @@ USER_ERROR_EXIT = 2
 USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
 # The gin configurables of flm_jax.data (task registration). Tools that never read data skip their bindings instead
 # of importing TensorFlow to register them; tests check this list against flm_jax.data.tasks.
-DATA_CONFIGURABLES = ("register_text_task", "register_jsonl_task", "register_tfds_task", "register_function_task",
-                      "register_mixture", "register_default_tasks", "register_tasks")
+DATA_CONFIGURABLES = (
+    "register_text_task",
+    "register_jsonl_task",
+    "register_tfds_task",
+    "register_function_task",
+    "register_mixture",
+    "register_default_tasks",
+    "register_tasks",
+)
 gin.add_config_file_search_path(str(REPO_ROOT))  # `include 'gin/models/x.gin'` works from any directory
 
 T = TypeVar("T")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                epilog="Gin bindings: --gin.Name.field=VALUE (repeatable).")
+    p = argparse.ArgumentParser(description=description, epilog="Gin bindings: --gin.Name.field=VALUE (repeatable).")
     p.add_argument("--gin_file", action="append", default=[], help="gin config file (repeatable, applied in order)")
     return p
 
 
 def add_distributed_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("multi-host (jax.distributed)")
-    g.add_argument("--multihost", action="store_true",
-                   help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)")
+    g.add_argument(
+        "--multihost",
+        action="store_true",
+        help="call jax.distributed.initialize() with auto-detection (TPU pods, SLURM, ...)",
+    )
     g.add_argument("--coordinator_address", default=None, help="host:port of process 0")
     g.add_argument("--num_processes", type=int, default=None)
     g.add_argument("--process_id", type=int, default=None)
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None = None, *, reads_data: bool = True,
-          load: bool = True) -> argparse.Namespace:
+def parse(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None = None, *, reads_data: bool = True, load: bool = True
+) -> argparse.Namespace:
     """Parse flags, split off --gin.X=Y bindings, and (with load=True) apply every gin file and binding.
     `reads_data=False`: the tool never reads data, so flm_jax.data (and TensorFlow) is not imported."""
     argv = list(sys.argv[1:] if argv is None else argv)
     bindings, rest = [], []
     for arg in argv:
         if arg.startswith("--" + GIN_PREFIX):
-            key, sep, value = arg[len("--" + GIN_PREFIX):].partition("=")
+            key, sep, value = arg[len("--" + GIN_PREFIX) :].partition("=")
             if not sep:
                 p.error(f"gin binding {arg!r} needs a value: --gin.{key}=VALUE")
             bindings.append(f"{key} = {value}")
@@ -80,12 +90,15 @@ def resolve_gin_file(name: str) -> str:
     for candidate in (Path(name), REPO_ROOT / name):
         if candidate.is_file():
             return str(candidate)
-    raise FileNotFoundError(f"gin file {name!r} not found (looked in {os.getcwd()} and {REPO_ROOT}). "
-                            "Pass a path such as gin/models/52b.gin.")
+    raise FileNotFoundError(
+        f"gin file {name!r} not found (looked in {os.getcwd()} and {REPO_ROOT}). "
+        "Pass a path such as gin/models/52b.gin."
+    )
 
 
-def load_gin(files: Sequence[str], bindings: Sequence[str], *, reads_data: bool = True,
-             config_text: str | None = None) -> None:
+def load_gin(
+    files: Sequence[str], bindings: Sequence[str], *, reads_data: bool = True, config_text: str | None = None
+) -> None:
     """Apply `config_text` (a workdir's config.gin), then the gin files in order, then the bindings."""
     # Register every configurable a gin file may bind: model, mesh, optimizer, training, growth, schedule,
     # hardware, and (for tools that read data) task registration, whose package imports TensorFlow (~4 s).
@@ -99,8 +112,9 @@ def load_gin(files: Sequence[str], bindings: Sequence[str], *, reads_data: bool 
     try:
         if config_text is not None:
             gin.parse_config(config_text, skip_unknown=list(skip))
-        gin.parse_config_files_and_bindings([resolve_gin_file(f) for f in files], list(bindings),
-                                            finalize_config=False, skip_unknown=list(skip))
+        gin.parse_config_files_and_bindings(
+            [resolve_gin_file(f) for f in files], list(bindings), finalize_config=False, skip_unknown=list(skip)
+        )
     except (ValueError, SyntaxError) as e:  # an unknown configurable or parameter, a malformed value
         raise ConfigError(f"gin: {e}") from None
 
@@ -113,8 +127,11 @@ def configured(cls: Callable[[], T]) -> T:
         if "Required bindings" not in str(e):
             raise
         name = getattr(cls, "__name__", str(cls))
-        hint = (" Include a model gin file, e.g. --gin_file=gin/models/tiny.gin (or gin/models/52b.gin)."
-                if name == "TeleFLMConfig" else "")
+        hint = (
+            " Include a model gin file, e.g. --gin_file=gin/models/tiny.gin (or gin/models/52b.gin)."
+            if name == "TeleFLMConfig"
+            else ""
+        )
         raise ConfigError(f"{e}.{hint}") from None
 
 
@@ -126,8 +143,9 @@ def init_distributed(args: argparse.Namespace) -> None:
     if args.coordinator_address or args.num_processes:
         if None in (args.coordinator_address, args.num_processes, args.process_id):
             raise ConfigError("--coordinator_address, --num_processes and --process_id go together.")
-        jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                                   num_processes=args.num_processes, process_id=args.process_id)
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+        )
     elif args.multihost:
         jax.distributed.initialize()
     if jax.process_index() != 0:

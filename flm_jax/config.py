@@ -62,8 +62,15 @@ class TeleFLMConfig:
         self._validate()
 
     def _validate(self):
-        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads", "num_key_value_heads", "max_position_embeddings")
+        positive = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -73,18 +80,24 @@ class TeleFLMConfig:
                 f"TeleFLMConfig.hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                 f"{self.num_attention_heads}; head_dim = hidden_size / num_attention_heads must be an integer. "
                 f"Choose num_attention_heads among the divisors of {self.hidden_size} "
-                f"(Tele-FLM uses head_dim 128, i.e. num_attention_heads = hidden_size / 128).")
+                f"(Tele-FLM uses head_dim 128, i.e. num_attention_heads = hidden_size / 128)."
+            )
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for "
-                              "RoPE; change hidden_size or num_attention_heads.")
+            raise ConfigError(
+                f"head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for "
+                "RoPE; change hidden_size or num_attention_heads."
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"TeleFLMConfig.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"num_key_value_heads={self.num_key_value_heads}; every kv head must serve a whole group of "
-                "query heads. Set num_key_value_heads to a divisor of num_attention_heads (or None for MHA).")
+                "query heads. Set num_key_value_heads to a divisor of num_attention_heads (or None for MHA)."
+            )
         if self.tie_word_embeddings:
-            raise ConfigError("TeleFLMConfig.tie_word_embeddings=True is not supported: Tele-FLM unties the "
-                              "input embedding and the LM head. Set tie_word_embeddings=False.")
+            raise ConfigError(
+                "TeleFLMConfig.tie_word_embeddings=True is not supported: Tele-FLM unties the "
+                "input embedding and the LM head. Set tie_word_embeddings=False."
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"TeleFLMConfig.{name}={getattr(self, name)!r} is not one of {DTYPES}.")

@@ -22,14 +22,19 @@ def main(argv=None) -> None:
     p.add_argument("--format", default=LLAMA, choices=FORMATS)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--max_shard_size", default=DEFAULT_MAX_SHARD_SIZE,
-                   help="largest safetensors file, e.g. 5GB, 500MB (sharded with an index past it)")
-    p.add_argument("--tokenizer", default=None,
-                   help="SentencePiece model to export (default: flm_jax's tokenizer; 'none' to skip)")
+    p.add_argument(
+        "--max_shard_size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="largest safetensors file, e.g. 5GB, 500MB (sharded with an index past it)",
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="SentencePiece model to export (default: flm_jax's tokenizer; 'none' to skip)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace model files in a non-empty --out")
     args = cli.parse(p, argv, reads_data=False)
-    export(args.workdir, args.out, args.format, args.dtype, args.step, args.max_shard_size, args.tokenizer,
-           args.overwrite)
+    export(
+        args.workdir, args.out, args.format, args.dtype, args.step, args.max_shard_size, args.tokenizer, args.overwrite
+    )
 
 
 if __name__ == "__main__":

@@ -34,12 +34,16 @@ def main(argv=None) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer or default_tokenizer_path()))
     prompt = [config.bos_token_id] + sp.encode(args.prompt)
     if len(prompt) + args.max_new_tokens > config.max_position_embeddings:
-        print(f"generate: note: {len(prompt) + args.max_new_tokens} positions exceed max_position_embeddings="
-              f"{config.max_position_embeddings}", file=sys.stderr)
-    new = generate(params, config, np.asarray([prompt]), args.max_new_tokens, args.temperature, args.seed,
-                   config.eos_token_id)[0].tolist()
+        print(
+            f"generate: note: {len(prompt) + args.max_new_tokens} positions exceed max_position_embeddings="
+            f"{config.max_position_embeddings}",
+            file=sys.stderr,
+        )
+    new = generate(
+        params, config, np.asarray([prompt]), args.max_new_tokens, args.temperature, args.seed, config.eos_token_id
+    )[0].tolist()
     if config.eos_token_id in new:
-        new = new[:new.index(config.eos_token_id)]
+        new = new[: new.index(config.eos_token_id)]
     print(args.prompt + sp.decode(new), flush=True)
 
 

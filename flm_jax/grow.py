@@ -19,8 +19,14 @@ def main(argv=None) -> None:
     p.add_argument("--step", type=int, default=None, help="default: SRC's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --workdir")
     args = cli.parse(p, argv)
-    grow_checkpoint(args.from_workdir, args.workdir, cli.configured(GrowthSpec), cli.configured(MeshLayout),
-                    args.step, args.overwrite)
+    grow_checkpoint(
+        args.from_workdir,
+        args.workdir,
+        cli.configured(GrowthSpec),
+        cli.configured(MeshLayout),
+        args.step,
+        args.overwrite,
+    )
 
 
 if __name__ == "__main__":

@@ -9,8 +9,15 @@ import gin
 # bf16 dense peak FLOP/s by device_kind substring (vendor datasheets); CPU: jnp.dot 2048^2 float32 measured on the
 # 2-core development machine (docs/stack.md), an order of magnitude, not a datasheet figure.
 PEAK_FLOPS = {
-    "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12, "TPU v6": 918e12,
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "cpu": 178e9,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+    "TPU v6": 918e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "cpu": 178e9,
 }
 
 

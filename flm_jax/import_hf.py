@@ -42,9 +42,12 @@ def main(argv=None) -> None:
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--hf_dir", required=True, help="Hugging Face folder (config.json + weights)")
     p.add_argument("--workdir", required=True, help="new flm_jax workdir to write")
-    p.add_argument("--use_mup", type=_bool, default=None,
-                   help="llama layout: true unfolds μP multipliers, false keeps a plain model "
-                        "(default: what config.json records)")
+    p.add_argument(
+        "--use_mup",
+        type=_bool,
+        default=None,
+        help="llama layout: true unfolds μP multipliers, false keeps a plain model (default: what config.json records)",
+    )
     p.add_argument("--input_mult", type=float, default=None)
     p.add_argument("--output_mult", type=float, default=None)
     p.add_argument("--mup_scale_factor", type=float, default=None)
@@ -52,14 +55,26 @@ def main(argv=None) -> None:
     args = cli.parse(p, argv, reads_data=False)
     cli.init_distributed(args)
     layout = cli.configured(MeshLayout)
-    config = import_hf(args.hf_dir, args.workdir, layout, runtime_bindings(), args.use_mup, args.input_mult,
-                       args.output_mult, args.mup_scale_factor)
+    config = import_hf(
+        args.hf_dir,
+        args.workdir,
+        layout,
+        runtime_bindings(),
+        args.use_mup,
+        args.input_mult,
+        args.output_mult,
+        args.mup_scale_factor,
+    )
 
     if jax.process_index() == 0:
         (Path(args.workdir) / CONFIG_GIN).write_text(
-            config_gin_with_model(gin.config_str(), config, f"Imported by flm_jax.import_hf from {args.hf_dir}"))
-    print(f"Imported {args.hf_dir} into {args.workdir}/checkpoints/0 ({config.num_hidden_layers} layers, "
-          f"hidden {config.hidden_size}, use_mup={config.use_mup}).", flush=True)
+            config_gin_with_model(gin.config_str(), config, f"Imported by flm_jax.import_hf from {args.hf_dir}")
+        )
+    print(
+        f"Imported {args.hf_dir} into {args.workdir}/checkpoints/0 ({config.num_hidden_layers} layers, "
+        f"hidden {config.hidden_size}, use_mup={config.use_mup}).",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,13 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy(logits_btv: jax.Array, targets_bt: jax.Array, weights_bt: jax.Array, z_loss: float = 0.0,
-                  normaliser: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def cross_entropy(
+    logits_btv: jax.Array,
+    targets_bt: jax.Array,
+    weights_bt: jax.Array,
+    z_loss: float = 0.0,
+    normaliser: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(weighted NLL sum + z_loss * weighted sum of log(Z)^2) / normaliser, and the raw sums.
 
     normaliser defaults to the number of weighted tokens (a mean); the z term is PaLM's logit stabiliser.

@@ -96,8 +96,9 @@ class Attention(nn.Module):
     config: TeleFLMConfig
 
     @nn.compact
-    def __call__(self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array,
-                 heads_mask_h: Array | None = None) -> Array:
+    def __call__(
+        self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array, heads_mask_h: Array | None = None
+    ) -> Array:
         cfg = self.config
         d, h, k, e = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_w = _param(self, "q_proj", ("embed", "heads", "head_dim"), (d, h, e))
@@ -156,8 +157,9 @@ class DecoderLayer(nn.Module):
     record_internals: bool = False
 
     @nn.compact
-    def __call__(self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array,
-                 masks: GrowthMasks | None, layer_gate: Array):
+    def __call__(
+        self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array, masks: GrowthMasks | None, layer_gate: Array
+    ):
         """layer_gate (a scalar, this layer's slice of masks.layers) blends a new layer in as x + m·f(x)."""
         residual_axes = ("act_batch", "act_length", "act_embed")
         hidden, heads, ffn = (None, None, None) if masks is None else (masks.hidden, masks.heads, masks.ffn)
@@ -209,8 +211,13 @@ class TeleFLM(nn.Module):
     record_internals: bool = False
 
     @nn.compact
-    def __call__(self, tokens_bt: Array, segment_ids_bt: Array | None = None, positions_bt: Array | None = None,
-                 masks: GrowthMasks | None = None):
+    def __call__(
+        self,
+        tokens_bt: Array,
+        segment_ids_bt: Array | None = None,
+        positions_bt: Array | None = None,
+        masks: GrowthMasks | None = None,
+    ):
         cfg = self.config
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)

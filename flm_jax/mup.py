@@ -29,8 +29,13 @@ PARAM_CLASSES = {
     "embed_tokens": "embedding",
     "lm_head": "readout",
     "scale": "vector",
-    "q_proj": "hidden", "k_proj": "hidden", "v_proj": "hidden", "gate_proj": "hidden", "up_proj": "hidden",
-    "o_proj": "hidden_residual", "down_proj": "hidden_residual",
+    "q_proj": "hidden",
+    "k_proj": "hidden",
+    "v_proj": "hidden",
+    "gate_proj": "hidden",
+    "up_proj": "hidden",
+    "o_proj": "hidden_residual",
+    "down_proj": "hidden_residual",
 }
 HIDDEN = ("hidden", "hidden_residual")
 

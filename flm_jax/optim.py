@@ -80,23 +80,31 @@ def _scale_each(multipliers: Any) -> optax.GradientTransformation:
 
 def _decay_each(weight_decay: float, multipliers: Any) -> optax.GradientTransformation:
     def update(updates, state, params):
-        decayed = jax.tree_util.tree_map(lambda u, p, m: u + (weight_decay * m) * p if m else u,
-                                         updates, params, multipliers)
+        decayed = jax.tree_util.tree_map(
+            lambda u, p, m: u + (weight_decay * m) * p if m else u, updates, params, multipliers
+        )
         return decayed, state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def make_optimizer(params: Any, config: TeleFLMConfig, cfg: OptimizerConfig, total_steps: int, start_step: int = 0,
-                   multipliers: MultipliersFn = param_multipliers) -> tuple[optax.GradientTransformation,
-                                                                                  optax.Schedule]:
+def make_optimizer(
+    params: Any,
+    config: TeleFLMConfig,
+    cfg: OptimizerConfig,
+    total_steps: int,
+    start_step: int = 0,
+    multipliers: MultipliersFn = param_multipliers,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The AdamW chain for a parameter tree (abstract is fine) and its learning-rate schedule."""
     schedule = learning_rate_schedule(cfg, total_steps, start_step)
     lr_mult, wd_mult = multipliers(params, config)
     # The chain's state structure never depends on the settings, so any checkpoint restores under any config.
     parts = [optax.clip_by_global_norm(cfg.grad_clip_norm) if cfg.grad_clip_norm else optax.identity()]
-    parts += [optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps, mu_dtype=jnp.float32),
-              _decay_each(cfg.weight_decay, wd_mult),
-              _scale_each(lr_mult),
-              optax.scale_by_learning_rate(schedule)]
+    parts += [
+        optax.scale_by_adam(cfg.b1, cfg.b2, cfg.eps, mu_dtype=jnp.float32),
+        _decay_each(cfg.weight_decay, wd_mult),
+        _scale_each(lr_mult),
+        optax.scale_by_learning_rate(schedule),
+    ]
     return optax.chain(*parts), schedule

@@ -27,15 +27,29 @@ from flm_jax.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm")
-ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_kv_heads", "act_head_dim", "act_mlp",
-                   "act_vocab")
+ACTIVATION_AXES = (
+    "act_batch",
+    "act_length",
+    "act_embed",
+    "act_heads",
+    "act_kv_heads",
+    "act_head_dim",
+    "act_mlp",
+    "act_vocab",
+)
 # The logical axes of a token batch [batch, length].
 BATCH_AXES = ("act_batch", "act_length")
 
 Rules = tuple[tuple[str, Any], ...]
 # The config field that sets the size of each sharded parameter axis (named in divisibility errors).
-AXIS_FIELDS = {"vocab": "vocab_size", "embed": "hidden_size", "mlp": "intermediate_size",
-               "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "layers": "num_hidden_layers"}
+AXIS_FIELDS = {
+    "vocab": "vocab_size",
+    "embed": "hidden_size",
+    "mlp": "intermediate_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "layers": "num_hidden_layers",
+}
 
 
 @gin.configurable
@@ -57,19 +71,24 @@ class MeshLayout:
     def __post_init__(self):
         unknown = sorted(set(self.mesh_shape) - set(MESH_AXES))
         if unknown:
-            raise ConfigError(f"MeshLayout {self.name!r}: unknown mesh axis {unknown} in mesh_shape; the mesh axes "
-                              f"are {MESH_AXES}. Rename the axis in the mesh gin file.")
+            raise ConfigError(
+                f"MeshLayout {self.name!r}: unknown mesh axis {unknown} in mesh_shape; the mesh axes "
+                f"are {MESH_AXES}. Rename the axis in the mesh gin file."
+            )
         object.__setattr__(self, "rules", tuple((str(k), _as_mesh_axes(v)) for k, v in self.rules))
         known_logical = set(PARAM_AXES) | set(ACTIVATION_AXES)
         for logical, mesh_axes in self.rules:
             if logical not in known_logical:
-                raise ConfigError(f"MeshLayout {self.name!r}: rule for unknown logical axis {logical!r}; logical "
-                                  f"axes are {sorted(known_logical)}.")
+                raise ConfigError(
+                    f"MeshLayout {self.name!r}: rule for unknown logical axis {logical!r}; logical "
+                    f"axes are {sorted(known_logical)}."
+                )
             for axis in mesh_axes or ():
                 if axis not in MESH_AXES:
                     raise ConfigError(
                         f"MeshLayout {self.name!r}: rule {logical!r} -> {axis!r} names an unknown mesh axis; "
-                        f"mesh axes are {MESH_AXES}. Fix MeshLayout.rules in the mesh gin file.")
+                        f"mesh axes are {MESH_AXES}. Fix MeshLayout.rules in the mesh gin file."
+                    )
         if sum(1 for v in self.mesh_shape.values() if v == -1) > 1:
             raise ConfigError(f"MeshLayout {self.name!r}: at most one mesh axis may have size -1.")
 
@@ -79,17 +98,23 @@ class MeshLayout:
         fixed = math.prod(s for s in sizes if s != -1)
         if -1 in sizes:
             if num_devices % fixed:
-                raise ConfigError(f"MeshLayout {self.name!r}: {num_devices} devices cannot be split into a mesh "
-                                  f"{dict(zip(MESH_AXES, sizes))}; the fixed axes need a multiple of {fixed}.")
+                raise ConfigError(
+                    f"MeshLayout {self.name!r}: {num_devices} devices cannot be split into a mesh "
+                    f"{dict(zip(MESH_AXES, sizes))}; the fixed axes need a multiple of {fixed}."
+                )
             sizes[sizes.index(-1)] = num_devices // fixed
         elif fixed != num_devices:
-            raise ConfigError(f"MeshLayout {self.name!r}: mesh {dict(zip(MESH_AXES, sizes))} needs {fixed} devices "
-                              f"but {num_devices} are available. Set one mesh_shape size to -1 or change the sizes.")
+            raise ConfigError(
+                f"MeshLayout {self.name!r}: mesh {dict(zip(MESH_AXES, sizes))} needs {fixed} devices "
+                f"but {num_devices} are available. Set one mesh_shape size to -1 or change the sizes."
+            )
         return tuple(sizes)
 
     def flax_rules(self) -> tuple[tuple[str, Any], ...]:
-        return tuple((logical, mesh_axes[0] if mesh_axes and len(mesh_axes) == 1 else mesh_axes)
-                     for logical, mesh_axes in self.rules)
+        return tuple(
+            (logical, mesh_axes[0] if mesh_axes and len(mesh_axes) == 1 else mesh_axes)
+            for logical, mesh_axes in self.rules
+        )
 
 
 def _as_mesh_axes(value) -> tuple[str, ...] | None:
@@ -121,8 +146,10 @@ def make_abstract_mesh(layout: MeshLayout, num_devices: int | None = None) -> ja
     if num_devices is None:
         sizes = [layout.mesh_shape.get(axis, 1) for axis in MESH_AXES]
         if -1 in sizes:
-            raise ConfigError(f"MeshLayout {layout.name!r} uses -1 and declares no num_devices; planning needs a "
-                              "device count: set MeshLayout.num_devices or pass one.")
+            raise ConfigError(
+                f"MeshLayout {layout.name!r} uses -1 and declares no num_devices; planning needs a "
+                "device count: set MeshLayout.num_devices or pass one."
+            )
         num_devices = math.prod(sizes)
     shape = layout.resolved_shape(num_devices)
     return jax.sharding.AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -158,7 +185,8 @@ def check_divisible(abstract_tree, shardings, logical_specs_tree) -> None:
                     f"Parameter {name} dimension {dim} (logical axis {logical_name!r}, size {size}) is not "
                     f"divisible by mesh axes {axes} of total size {split}. Make TeleFLMConfig."
                     f"{AXIS_FIELDS.get(logical_name, logical_name)} a multiple of {split}, or use a mesh layout "
-                    f"with a smaller {'/'.join(axes)} axis (MeshLayout.mesh_shape).")
+                    f"with a smaller {'/'.join(axes)} axis (MeshLayout.mesh_shape)."
+                )
 
 
 def batch_sharding(mesh, layout: MeshLayout) -> NamedSharding:

@@ -36,8 +36,9 @@ def axis_split(layout: MeshLayout, mesh, logical: str) -> int:
     return 1
 
 
-def activation_bytes(cfg: TeleFLMConfig, tokens: int, seq_len: int, tp_heads: int, tp_mlp: int,
-                     tp_vocab: int) -> dict[str, float]:
+def activation_bytes(
+    cfg: TeleFLMConfig, tokens: int, seq_len: int, tp_heads: int, tp_mlp: int, tp_vocab: int
+) -> dict[str, float]:
     """Bytes kept for the backward pass of one microbatch of `tokens` tokens on one device (estimate).
 
     Per token and layer, with a = compute-dtype bytes, d hidden, q/kv query/kv widths, f FFN, h heads, S seq_len:
@@ -54,17 +55,23 @@ def activation_bytes(cfg: TeleFLMConfig, tokens: int, seq_len: int, tp_heads: in
     scores = h * S / tp_heads
     f_local = f / tp_mlp
     none = a * (6 * d + 2 * (q + 2 * kv) + q + 4 * f_local) + 4 * 2 * scores
-    per_layer = {"none": none,
-                 "dots": a * (3 * d + 2 * q + 2 * kv + 2 * f_local + scores),
-                 "full": a * d}[cfg.remat_policy]
+    per_layer = {"none": none, "dots": a * (3 * d + 2 * q + 2 * kv + 2 * f_local + scores), "full": a * d}[
+        cfg.remat_policy
+    ]
     layers = cfg.num_hidden_layers * tokens * per_layer
     working = 0.0 if cfg.remat_policy == "none" else tokens * none
     logits = tokens * cfg.vocab_size / tp_vocab * 4 * 3  # logits, softmax and their gradient in float32
     return {"saved_layers": layers, "layer_working_set": working, "logits": logits}
 
 
-def make_plan(cfg: TeleFLMConfig, layout: MeshLayout, num_devices: int | None = None,
-              batch_size: int | None = None, seq_len: int | None = None, num_microbatches: int = 1) -> dict[str, Any]:
+def make_plan(
+    cfg: TeleFLMConfig,
+    layout: MeshLayout,
+    num_devices: int | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    num_microbatches: int = 1,
+) -> dict[str, Any]:
     mesh = make_abstract_mesh(layout, num_devices)
     boxed = boxed_abstract_params(cfg)
     with nn.logical_axis_rules(layout.flax_rules()):
@@ -79,8 +86,10 @@ def make_plan(cfg: TeleFLMConfig, layout: MeshLayout, num_devices: int | None = 
     batch_size = batch_size or split
     seq_len = seq_len or cfg.max_position_embeddings
     if batch_size % (split * num_microbatches):
-        raise ConfigError(f"batch_size={batch_size} must be a multiple of the batch split ({split}) x "
-                          f"num_microbatches ({num_microbatches}).")
+        raise ConfigError(
+            f"batch_size={batch_size} must be a multiple of the batch split ({split}) x "
+            f"num_microbatches ({num_microbatches})."
+        )
     tokens_per_microbatch = batch_size // split // num_microbatches * seq_len
     p_bytes = jnp.dtype(cfg.param_dtype).itemsize
     memory = {
@@ -88,8 +97,16 @@ def make_plan(cfg: TeleFLMConfig, layout: MeshLayout, num_devices: int | None = 
         "optimizer": params_per_device * ADAM_BYTES_PER_PARAM,
         "gradients": params_per_device * (p_bytes + (4 if num_microbatches > 1 else 0)),
     }
-    memory.update(activation_bytes(cfg, tokens_per_microbatch, seq_len, axis_split(layout, mesh, "act_heads"),
-                                   axis_split(layout, mesh, "act_mlp"), axis_split(layout, mesh, "act_vocab")))
+    memory.update(
+        activation_bytes(
+            cfg,
+            tokens_per_microbatch,
+            seq_len,
+            axis_split(layout, mesh, "act_heads"),
+            axis_split(layout, mesh, "act_mlp"),
+            axis_split(layout, mesh, "act_vocab"),
+        )
+    )
     total = sum(memory.values())
     budget = layout.device_memory_gib
     return {
@@ -112,11 +129,13 @@ def make_plan(cfg: TeleFLMConfig, layout: MeshLayout, num_devices: int | None = 
 
 
 def format_plan(plan: dict[str, Any]) -> str:
-    lines = [f"parameters      {human_count(plan['params_total'])} ({plan['params_total']:,})",
-             f"mesh            {plan['mesh_layout']} {plan['mesh']} = {plan['num_devices']} devices",
-             f"batch           {plan['batch_size']} x {plan['seq_len']} tokens, {plan['num_microbatches']} "
-             f"microbatch(es), remat={plan['remat_policy']}",
-             f"per device      {human_count(plan['params_per_device'])} parameters"]
+    lines = [
+        f"parameters      {human_count(plan['params_total'])} ({plan['params_total']:,})",
+        f"mesh            {plan['mesh_layout']} {plan['mesh']} = {plan['num_devices']} devices",
+        f"batch           {plan['batch_size']} x {plan['seq_len']} tokens, {plan['num_microbatches']} "
+        f"microbatch(es), remat={plan['remat_policy']}",
+        f"per device      {human_count(plan['params_per_device'])} parameters",
+    ]
     for name, value in plan["bytes_per_device"].items():
         lines.append(f"  {name:<18}{value / GIB:10.2f} GiB")
     verdict = "" if plan["fits"] is None else ("  fits" if plan["fits"] else "  DOES NOT FIT")

@@ -26,8 +26,9 @@ def main(argv=None) -> None:
     rows = run_schedule(workdir, plan)
     print(format_table(rows), flush=True)
     print(f"schedule wall time {time.time() - started:.0f} s", flush=True)
-    (workdir / "schedule.json").write_text(json.dumps({"stages": rows, "wall_seconds": time.time() - started},
-                                                      indent=1))
+    (workdir / "schedule.json").write_text(
+        json.dumps({"stages": rows, "wall_seconds": time.time() - started}, indent=1)
+    )
 
 
 if __name__ == "__main__":

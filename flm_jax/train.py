@@ -23,8 +23,12 @@ from flm_jax.training.loop import train
 def main(argv=None) -> None:
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
-    p.add_argument("--until_step", type=int, default=None,
-                   help="stop after this step with a checkpoint (a later call continues to TrainConfig.steps)")
+    p.add_argument(
+        "--until_step",
+        type=int,
+        default=None,
+        help="stop after this step with a checkpoint (a later call continues to TrainConfig.steps)",
+    )
     cli.add_distributed_flags(p)
     args = cli.parse(p, argv, load=False)
     workdir = Path(args.workdir)
@@ -37,10 +41,20 @@ def main(argv=None) -> None:
     model_cfg, layout = cli.configured(TeleFLMConfig), cli.configured(MeshLayout)
     optimizer_cfg, train_cfg = cli.configured(OptimizerConfig), cli.configured(TrainConfig)
     peak = hardware.peak_flops_per_device()
-    operative = (gin.operative_config_str() + "\n# The peak FLOP/s of one device that this run's MFU divides by.\n"
-                 f"peak_flops_per_device.override = {peak!r}\n")
-    last = train(workdir, model_cfg=model_cfg, layout=layout, optimizer_cfg=optimizer_cfg, train_cfg=train_cfg,
-                 peak_flops=peak, until_step=args.until_step, config_gin=operative)
+    operative = (
+        gin.operative_config_str() + "\n# The peak FLOP/s of one device that this run's MFU divides by.\n"
+        f"peak_flops_per_device.override = {peak!r}\n"
+    )
+    last = train(
+        workdir,
+        model_cfg=model_cfg,
+        layout=layout,
+        optimizer_cfg=optimizer_cfg,
+        train_cfg=train_cfg,
+        peak_flops=peak,
+        until_step=args.until_step,
+        config_gin=operative,
+    )
     print(json.dumps({k: v for k, v in last.items() if k.startswith(("val_", "loss"))}), flush=True)
 
 

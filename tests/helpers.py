@@ -20,16 +20,37 @@ from flm_jax.training.config import TrainConfig
 from flm_jax.training.loop import train
 from flm_jax.training.state import StateSpec
 
-MODEL = TeleFLMConfig(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=64, output_mult=0.5, mup_scale_factor=2.0,
-                      remat_policy="none")
+MODEL = TeleFLMConfig(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    output_mult=0.5,
+    mup_scale_factor=2.0,
+    remat_policy="none",
+)
 # A learning rate that moves a 6-step run (the defaults warm up over 100 steps); CLI runs get the same flags.
 FAST_OPTIMIZER = OptimizerConfig(peak_learning_rate=1e-2, warmup_steps=2)
 FAST_FLAGS = ["--gin.OptimizerConfig.peak_learning_rate=0.01", "--gin.OptimizerConfig.warmup_steps=2"]
 # The model's shape and multipliers as command-line bindings.
-MODEL_FLAGS = [f"--gin.TeleFLMConfig.{k}={v!r}" for k, v in MODEL.to_dict().items()
-               if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                        "max_position_embeddings", "output_mult", "mup_scale_factor", "remat_policy")]
+MODEL_FLAGS = [
+    f"--gin.TeleFLMConfig.{k}={v!r}"
+    for k, v in MODEL.to_dict().items()
+    if k
+    in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "output_mult",
+        "mup_scale_factor",
+        "remat_policy",
+    )
+]
 
 
 def load_layout(name: str, **overrides) -> MeshLayout:
@@ -47,8 +68,14 @@ FSDP_TP = load_layout("fsdp_tp", mesh_shape={"fsdp": 2, "tensor": 4})  # the 2x4
 FSDP8 = load_layout("fsdp", mesh_shape={"fsdp": 8})
 
 
-def run_train(workdir, train_cfg: TrainConfig, model: TeleFLMConfig = MODEL, layout: MeshLayout = SINGLE,
-              optimizer: OptimizerConfig = FAST_OPTIMIZER, **kwargs):
+def run_train(
+    workdir,
+    train_cfg: TrainConfig,
+    model: TeleFLMConfig = MODEL,
+    layout: MeshLayout = SINGLE,
+    optimizer: OptimizerConfig = FAST_OPTIMIZER,
+    **kwargs,
+):
     return train(workdir, model_cfg=model, layout=layout, optimizer_cfg=optimizer, train_cfg=train_cfg, **kwargs)
 
 
@@ -75,5 +102,11 @@ def assert_trees_equal(a, b):
 
 def run_module(module: str, *args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m module args...` from the repository root (the test process's XLA flags unless env says)."""
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO_ROOT,
-                          env=dict(os.environ, **(env or {})), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -35,8 +35,9 @@ def test_plan_json_matches_released_parameter_counts(model, expected, tolerance)
 
 
 def test_plan_on_a_pod_mesh_splits_memory_and_says_whether_it_fits():
-    gin.parse_config_files_and_bindings([str(REPO_ROOT / "gin/models/1t.gin"),
-                                         str(REPO_ROOT / "gin/meshes/h100_1024.gin")], [])
+    gin.parse_config_files_and_bindings(
+        [str(REPO_ROOT / "gin/models/1t.gin"), str(REPO_ROOT / "gin/meshes/h100_1024.gin")], []
+    )
     plan = make_plan(TeleFLMConfig(), MeshLayout())
     assert plan["num_devices"] == 1024 and plan["mesh"] == {"data": 1, "fsdp": 128, "tensor": 8}
     # Every matrix is split 1024 ways; only norm gains (replicated) keep the per-device count above total/1024.
@@ -58,16 +59,26 @@ def test_bad_config_fails_at_startup_naming_the_field():
     out = run_plan("--gin_file=gin/models/52b.gin", "--gin.TeleFLMConfig.num_attention_heads=60")
     assert out.returncode != 0
     assert "hidden_size=8192 is not divisible by num_attention_heads=60" in out.stderr
-    out = run_plan("--gin_file=gin/models/52b.gin", "--gin_file=gin/meshes/h100_1024.gin",
-                   "--gin.TeleFLMConfig.num_attention_heads=4",
-                   "--gin.TeleFLMConfig.num_key_value_heads=4")  # 4 heads cannot split 8 ways
+    out = run_plan(
+        "--gin_file=gin/models/52b.gin",
+        "--gin_file=gin/meshes/h100_1024.gin",
+        "--gin.TeleFLMConfig.num_attention_heads=4",
+        "--gin.TeleFLMConfig.num_key_value_heads=4",
+    )  # 4 heads cannot split 8 ways
     assert out.returncode != 0
     assert re.search(r"logical axis '(kv_)?heads', size 4\).*TeleFLMConfig\.num_\w+_heads a multiple of 8", out.stderr)
 
 
 def test_counts_and_flops():
-    cfg = TeleFLMConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = TeleFLMConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     assert count_params(boxed_abstract_params(cfg)) == cfg.params_total()
     matmul = cfg.params_total() - 100 * 64 - (2 * 3 + 1) * 64
     assert cfg.flops_per_token(32) == 6 * matmul + 12 * 3 * 4 * 16 * 32
@@ -107,8 +118,9 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
         gin.parse_config_file(str(REPO_ROOT / path))
         cfg, run = TeleFLMConfig(), TrainConfig()
         assert OptimizerConfig().peak_learning_rate > 0 and run.seq_len <= cfg.max_position_embeddings
-        plan = make_plan(cfg, MeshLayout(), batch_size=run.batch_size, seq_len=run.seq_len,
-                         num_microbatches=run.num_microbatches)
+        plan = make_plan(
+            cfg, MeshLayout(), batch_size=run.batch_size, seq_len=run.seq_len, num_microbatches=run.num_microbatches
+        )
         assert plan["params_total"] == cfg.params_total()
     elif folder == "growth":  # the source model grows into the target shape, planned abstractly
         from flm_jax.growth import GrowthSpec, target_config
@@ -178,9 +190,11 @@ def test_a_plan_without_a_model_stops_with_the_fix_and_no_traceback():
 def test_tools_that_never_read_data_parse_run_configs_without_tensorflow():
     """plan, export and import_hf parse a whole experiment config (TrainConfig, data registration) without
     importing TensorFlow; flm_jax.cli's list of data configurables is flm_jax.data's."""
-    code = ("import sys; from flm_jax import cli, export, import_hf, plan; "
-            "cli.load_gin(['gin/experiments/tiny_pretrain.gin'], ['register_tasks.registrations = ()'], "
-            "reads_data=False); print(sorted(m for m in sys.modules if m.startswith('tensorflow')))")
+    code = (
+        "import sys; from flm_jax import cli, export, import_hf, plan; "
+        "cli.load_gin(['gin/experiments/tiny_pretrain.gin'], ['register_tasks.registrations = ()'], "
+        "reads_data=False); print(sorted(m for m in sys.modules if m.startswith('tensorflow')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"

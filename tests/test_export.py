@@ -81,8 +81,13 @@ def run(tmp_path_factory):
     run_train(workdir, RUN, model=CONFIG)
     state, _, _ = restore_state(workdir)
     tokens = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 48))
-    return types.SimpleNamespace(workdir=workdir, state=state, params=state["params"], tokens=tokens,
-                                 logits=flm_logits(state["params"], CONFIG, tokens))
+    return types.SimpleNamespace(
+        workdir=workdir,
+        state=state,
+        params=state["params"],
+        tokens=tokens,
+        logits=flm_logits(state["params"], CONFIG, tokens),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,11 @@ def test_teleflm_export_equals_llama_export_after_multipliers(llama_dir, teleflm
     config = json.loads((teleflm_dir / "config.json").read_text())
     assert config["model_type"] == "TeleFLM" and config["architectures"] == ["TeleFLMForCausalLM"]
     assert {k: config[k] for k in ("use_mup", "input_mult", "output_mult", "mup_scale_factor")} == {
-        "use_mup": True, "input_mult": 2.0, "output_mult": 0.5, "mup_scale_factor": 2.0}
+        "use_mup": True,
+        "input_mult": 2.0,
+        "output_mult": 0.5,
+        "mup_scale_factor": 2.0,
+    }
     tele, llama = safetensors_dict(teleflm_dir), safetensors_dict(llama_dir)
     assert sorted(tele) == sorted(llama) and len(tele) == 3 + 9 * CONFIG.num_hidden_layers
     assert "model.layers.1.self_attn.o_proj.weight" in tele and "lm_head.weight" in tele
@@ -139,9 +148,9 @@ def test_greedy_generation_identical_in_transformers(run, llama_dir):
     ours = generate(run.params, CONFIG, np.asarray([prompt]), 20, eos_id=CONFIG.eos_token_id)[0].tolist()
     with torch.no_grad():
         theirs = hf_model(llama_dir).generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
-    theirs = theirs[0, len(prompt):].tolist()
+    theirs = theirs[0, len(prompt) :].tolist()
     if CONFIG.eos_token_id in ours:  # transformers stops at EOS; flm_jax pads after it
-        ours = ours[:ours.index(CONFIG.eos_token_id) + 1]
+        ours = ours[: ours.index(CONFIG.eos_token_id) + 1]
     print("greedy tokens:", ours)
     assert ours == theirs and len(ours) == 20
 
@@ -178,8 +187,11 @@ def as_bin_folder(folder, out):
 @pytest.mark.parametrize("source", ["llama", "teleflm", "teleflm_bin"])
 def test_round_trip_is_bitwise_identical(run, sharded_dir, teleflm_dir, tmp_path, source):
     # The llama side reads a sharded folder; teleflm_bin reads pytorch_model.bin through weights-only loading.
-    folder = {"llama": sharded_dir, "teleflm": teleflm_dir,
-              "teleflm_bin": as_bin_folder(teleflm_dir, tmp_path / "bin")}[source]
+    folder = {
+        "llama": sharded_dir,
+        "teleflm": teleflm_dir,
+        "teleflm_bin": as_bin_folder(teleflm_dir, tmp_path / "bin"),
+    }[source]
     workdir = tmp_path / "work"
     config = import_hf(folder, workdir, SINGLE)
     runtime = {k: getattr(CONFIG, k) for k in RUNTIME_FIELDS}  # not in a Hugging Face folder
@@ -207,18 +219,23 @@ def test_sharded_export_writes_an_index_and_loads(run, sharded_dir):
 def test_bfloat16_export_is_the_rounded_float32_export(run, llama_dir, tmp_path):
     export(run.workdir, tmp_path, "llama", dtype="bfloat16", tokenizer="none")
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
-    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as bf, \
-            safe_open(str(llama_dir / "model.safetensors"), framework="pt") as f32:
+    with (
+        safe_open(str(tmp_path / "model.safetensors"), framework="pt") as bf,
+        safe_open(str(llama_dir / "model.safetensors"), framework="pt") as f32,
+    ):
         for name in f32.keys():
             assert bf.get_tensor(name).dtype == torch.bfloat16
             assert torch.equal(bf.get_tensor(name), f32.get_tensor(name).to(torch.bfloat16)), name
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing", r"missing: model\.layers\.1\.mlp\.up_proj\.weight"),
-    ("shape", r"wrong shape: model\.layers\.0\.self_attn\.k_proj\.weight \[16, 64\] \(expected \[32, 64\]\)"),
-    ("unexpected", r"unexpected: model\.layers\.0\.self_attn\.q_proj\.bias"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing", r"missing: model\.layers\.1\.mlp\.up_proj\.weight"),
+        ("shape", r"wrong shape: model\.layers\.0\.self_attn\.k_proj\.weight \[16, 64\] \(expected \[32, 64\]\)"),
+        ("unexpected", r"unexpected: model\.layers\.0\.self_attn\.q_proj\.bias"),
+    ],
+)
 def test_import_names_missing_and_misshapen_tensors(llama_dir, tmp_path, damage, message):
     broken = tmp_path / "hf"
     broken.mkdir()
@@ -249,15 +266,25 @@ def test_export_reads_stacked_arrays_one_layer_at_a_time(run, tmp_path, monkeypa
     assert summary["peak_rss_mib"] > 0 and summary["files"] == ["model.safetensors"]
 
 
-RAMP = {"start_step": 0, "ramp_steps": 10, "old_hidden": 64, "old_heads": 4, "old_ffn": 128,
-        "new_layers": [False, False]}
+RAMP = {
+    "start_step": 0,
+    "ramp_steps": 10,
+    "old_hidden": 64,
+    "old_heads": 4,
+    "old_ffn": 128,
+    "new_layers": [False, False],
+}
 
 
 def test_growth_masks_mid_ramp_are_refused_and_masks_at_0_are_folded(run, tmp_path, capsys):
     save_copy(tmp_path / "ramp", run.state, growth=dict(RAMP, mask=0.2))  # step 2 of a 10-step ramp: m = 0.2
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_tool("export", lambda: export_mod.main([f"--workdir={tmp_path / 'ramp'}", f"--out={tmp_path / 'out'}",
-                                                        "--tokenizer=none"]))
+        cli.run_tool(
+            "export",
+            lambda: export_mod.main(
+                [f"--workdir={tmp_path / 'ramp'}", f"--out={tmp_path / 'out'}", "--tokenizer=none"]
+            ),
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "middle of a growth mask ramp (mask 0.2)" in err and "Traceback" not in err
@@ -290,8 +317,9 @@ def test_command_lines_import_plain_llama_and_generate(run, llama_dir, tmp_path,
     assert reader.step == 0 and not reader.config.use_mup
     # The plain model holds the folded weights and computes the same function as the μP original.
     assert np.abs(flm_logits(read_params(reader), reader.config, run.tokens) - run.logits).max() < 1e-5
-    generate_mod.main([f"--workdir={run.workdir}", "--prompt=In the beginning", "--max_new_tokens=8",
-                       "--temperature=0.8"])
+    generate_mod.main(
+        [f"--workdir={run.workdir}", "--prompt=In the beginning", "--max_new_tokens=8", "--temperature=0.8"]
+    )
     assert capsys.readouterr().out.startswith("In the beginning")
 
 
@@ -303,5 +331,6 @@ def test_grown_checkpoint_at_mask_0_exports_to_the_sources_logits(run, llama_dir
     export(tmp_path / "grown", tmp_path / "hf", "llama", tokenizer="none")
     grown = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (grown["hidden_size"], grown["num_hidden_layers"]) == (96, 3)
-    np.testing.assert_allclose(hf_logits(tmp_path / "hf", run.tokens), hf_logits(llama_dir, run.tokens),
-                               atol=1e-4 * np.abs(run.logits).max())
+    np.testing.assert_allclose(
+        hf_logits(tmp_path / "hf", run.tokens), hf_logits(llama_dir, run.tokens), atol=1e-4 * np.abs(run.logits).max()
+    )

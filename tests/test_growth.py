@@ -24,25 +24,45 @@ from flm_jax.training.checkpoint import Checkpointer
 from flm_jax.training.config import TrainConfig
 from tests.helpers import SINGLE, metrics, run_module, run_train
 
-SRC = TeleFLMConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, max_position_embeddings=32, use_mup=True, mup_scale_factor=2.0,
-                    input_mult=1.3, output_mult=0.7, remat_policy="none")
+SRC = TeleFLMConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    use_mup=True,
+    mup_scale_factor=2.0,
+    input_mult=1.3,
+    output_mult=0.7,
+    remat_policy="none",
+)
 F64 = dict(dtype="float64", param_dtype="float64")
 SPECS = {
     "hidden_heads_new": GrowthSpec(hidden_size=48, num_attention_heads=6, mode="exact"),
-    "hidden_heads_ffn_duplicate": GrowthSpec(hidden_size=64, num_attention_heads=8, intermediate_size=96,
-                                             mode="exact", hidden_method="duplicate", heads_method="duplicate",
-                                             ffn_method="duplicate", duplicate_noise=0.01),
-    "hidden_copies_plus_padding": GrowthSpec(hidden_size=80, num_attention_heads=10, mode="exact",
-                                             hidden_method="duplicate", duplicate_noise=0.01),
+    "hidden_heads_ffn_duplicate": GrowthSpec(
+        hidden_size=64,
+        num_attention_heads=8,
+        intermediate_size=96,
+        mode="exact",
+        hidden_method="duplicate",
+        heads_method="duplicate",
+        ffn_method="duplicate",
+        duplicate_noise=0.01,
+    ),
+    "hidden_copies_plus_padding": GrowthSpec(
+        hidden_size=80, num_attention_heads=10, mode="exact", hidden_method="duplicate", duplicate_noise=0.01
+    ),
     "ffn_new": GrowthSpec(intermediate_size=80, mode="exact"),
     "depth_even": GrowthSpec(num_hidden_layers=5, mode="exact", layer_strategy="even"),
     "depth_stack": GrowthSpec(num_hidden_layers=6, mode="exact", layer_strategy="stack"),
     "depth_interleave": GrowthSpec(num_hidden_layers=4, mode="exact", layer_strategy="interleave"),
     "depth_distance": GrowthSpec(num_hidden_layers=5, mode="exact", layer_strategy="distance"),
     "vocab": GrowthSpec(vocab_size=80, mode="exact"),
-    "msg_everything": GrowthSpec(hidden_size=48, num_attention_heads=6, intermediate_size=72, num_hidden_layers=5,
-                                 mode="msg"),
+    "msg_everything": GrowthSpec(
+        hidden_size=48, num_attention_heads=6, intermediate_size=72, num_hidden_layers=5, mode="msg"
+    ),
     "msg_with_vocab": GrowthSpec(hidden_size=48, num_attention_heads=6, vocab_size=80, mode="msg"),
 }
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12)).astype(np.int32)
@@ -53,8 +73,9 @@ def random_params(cfg, seed=0):
     params = nn.meta.unbox(TeleFLM(cfg).init(jax.random.key(seed), TOKENS)["params"])
 
     def draw(path, x):
-        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed + 1), len(jax.tree_util.keystr(path))),
-                                  x.shape, x.dtype)
+        noise = jax.random.normal(
+            jax.random.fold_in(jax.random.key(seed + 1), len(jax.tree_util.keystr(path))), x.shape, x.dtype
+        )
         return 1.0 + 0.2 * noise if path[-1].key == "scale" else 0.1 * noise
 
     return jax.tree_util.tree_map_with_path(draw, params)
@@ -75,7 +96,7 @@ def test_exact_operators_and_msg_at_zero_preserve_logits_in_float64(name):
         before = TeleFLM(src).apply({"params": params}, TOKENS)
         after, result = grown_logits(src, params, SPECS[name])
         assert after.dtype == jnp.float64 and result.config.params_total() > src.params_total()
-        assert float(jnp.abs(after[..., :src.vocab_size] - before).max()) <= 1e-9
+        assert float(jnp.abs(after[..., : src.vocab_size] - before).max()) <= 1e-9
         if result.ramp:  # the mask ramp really moves the function, and m = 1 is the plain grown model
             at_one, _ = grown_logits(src, params, SPECS[name], m=1.0)
             plain = TeleFLM(result.config).apply({"params": result.params}, TOKENS)
@@ -95,8 +116,13 @@ def test_float32_relative_difference(name):
 def old_part(tree, src, tgt, order):
     """The entries of a grown tree that correspond to the source tree (leading ranges, old layers)."""
     old_layers = np.asarray([i for i, (_, new) in enumerate(order) if not new])
-    sizes = {"hidden": (src.hidden_size,), "heads": (src.num_attention_heads,), "ffn": (src.intermediate_size,),
-             "kv_heads": (src.num_key_value_heads,), "vocab": (src.vocab_size,)}
+    sizes = {
+        "hidden": (src.hidden_size,),
+        "heads": (src.num_attention_heads,),
+        "ffn": (src.intermediate_size,),
+        "kv_heads": (src.num_key_value_heads,),
+        "vocab": (src.vocab_size,),
+    }
 
     def cut(path, x):
         for axis, role in enumerate(axis_roles(path)):
@@ -125,6 +151,7 @@ def test_gradients_of_old_entries_are_unchanged(name):
             def f(p):
                 logits = TeleFLM(cfg).apply({"params": p}, TOKENS, masks=masks)
                 return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
             return f
 
         before = jax.grad(loss(src))(params)
@@ -141,10 +168,18 @@ def test_duplication_with_transformed_moments_follows_the_small_model():
     """x2 duplication of hidden, heads and FFN, Adam moments transformed (mu/k, nu/k^2 on written axes) and μP
     learning rates (lr / width_mult): 10 more steps of the grown model compute the small model's logits."""
     src = SRC.replace(num_key_value_heads=4, mup_scale_factor=1.0)
-    spec = GrowthSpec(hidden_size=64, num_attention_heads=8, intermediate_size=96, mode="exact",
-                      hidden_method="duplicate", heads_method="duplicate", ffn_method="duplicate")
-    opt = OptimizerConfig(peak_learning_rate=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.1,
-                          grad_clip_norm=None, eps=1e-12)
+    spec = GrowthSpec(
+        hidden_size=64,
+        num_attention_heads=8,
+        intermediate_size=96,
+        mode="exact",
+        hidden_method="duplicate",
+        heads_method="duplicate",
+        ffn_method="duplicate",
+    )
+    opt = OptimizerConfig(
+        peak_learning_rate=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.1, grad_clip_norm=None, eps=1e-12
+    )
     rng = np.random.default_rng(1)
     batches = [rng.integers(0, 64, (4, 12)).astype(np.int32) for _ in range(13)]
 
@@ -178,18 +213,40 @@ def test_duplication_with_transformed_moments_follows_the_small_model():
 
 
 @settings(max_examples=6, deadline=None)
-@given(heads=st.integers(1, 3), kv_div=st.sampled_from([1, 2]), head_dim=st.sampled_from([4, 8]),
-       layers=st.integers(1, 3), ffn=st.integers(4, 24), extra_heads=st.integers(0, 3), extra_ffn=st.integers(0, 16),
-       extra_layers=st.integers(0, 3), mode=st.sampled_from(["exact", "msg"]), seed=st.integers(0, 1000))
-def test_property_random_shapes_preserve_the_function(heads, kv_div, head_dim, layers, ffn, extra_heads, extra_ffn,
-                                                       extra_layers, mode, seed):
+@given(
+    heads=st.integers(1, 3),
+    kv_div=st.sampled_from([1, 2]),
+    head_dim=st.sampled_from([4, 8]),
+    layers=st.integers(1, 3),
+    ffn=st.integers(4, 24),
+    extra_heads=st.integers(0, 3),
+    extra_ffn=st.integers(0, 16),
+    extra_layers=st.integers(0, 3),
+    mode=st.sampled_from(["exact", "msg"]),
+    seed=st.integers(0, 1000),
+)
+def test_property_random_shapes_preserve_the_function(
+    heads, kv_div, head_dim, layers, ffn, extra_heads, extra_ffn, extra_layers, mode, seed
+):
     kv = heads if heads % kv_div else heads // kv_div
     group = heads // kv
-    src = SRC.replace(hidden_size=heads * head_dim, num_attention_heads=heads, num_key_value_heads=kv,
-                      intermediate_size=ffn, num_hidden_layers=layers, **F64)
+    src = SRC.replace(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        **F64,
+    )
     new_heads = heads + group * extra_heads
-    spec = GrowthSpec(hidden_size=new_heads * head_dim, num_attention_heads=new_heads,
-                      intermediate_size=ffn + extra_ffn, num_hidden_layers=layers + extra_layers, mode=mode, seed=seed)
+    spec = GrowthSpec(
+        hidden_size=new_heads * head_dim,
+        num_attention_heads=new_heads,
+        intermediate_size=ffn + extra_ffn,
+        num_hidden_layers=layers + extra_layers,
+        mode=mode,
+        seed=seed,
+    )
     with jax.enable_x64(True):
         params = random_params(src, seed)
         before = TeleFLM(src).apply({"params": params}, TOKENS)
@@ -210,8 +267,10 @@ def test_sharded_growth_across_meshes_equals_one_device():
     def grown_on(src_layout, tgt_layout, devices):
         src_mesh, tgt_mesh = make_mesh(src_layout, devices), make_mesh(tgt_layout, devices)
         sharded = jax.device_put(params, param_shardings(src, src_mesh, src_layout))
-        out = jax.jit(lambda p: grow_tree(p, src, tgt, spec, order, "params", jax.random.key(3)),
-                      out_shardings=param_shardings(tgt, tgt_mesh, tgt_layout))(sharded)
+        out = jax.jit(
+            lambda p: grow_tree(p, src, tgt, spec, order, "params", jax.random.key(3)),
+            out_shardings=param_shardings(tgt, tgt_mesh, tgt_layout),
+        )(sharded)
         return out
 
     single = MeshLayout(name="single")
@@ -257,15 +316,21 @@ MeshLayout.mesh_shape = {"data": 1}
 def test_grow_entry_point_writes_a_run_that_train_continues_through_the_ramp(trained, tmp_path):
     (tmp_path / "grow.gin").write_text(GROW_GIN)
     dst = tmp_path / "grown"
-    out = run_module("flm_jax.grow", f"--gin_file={tmp_path / 'grow.gin'}", f"--from_workdir={trained}",
-                     f"--workdir={dst}")
+    out = run_module(
+        "flm_jax.grow", f"--gin_file={tmp_path / 'grow.gin'}", f"--from_workdir={trained}", f"--workdir={dst}"
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((dst / "growth.json").read_text())
     assert report["step"] == 2 and report["max_abs_dlogit"] < 1e-4 and abs(report["dloss"]) < 1e-5
     assert "max |Δlogit|" in out.stdout and report["target_params"] > report["source_params"]
     # The source was trained in-process with explicit configs, so its config.gin holds no TrainConfig: pass it.
-    run_flags = ["--gin.TrainConfig.steps=5", "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=32",
-                 "--gin.TrainConfig.eval_tasks=()", "--gin.TrainConfig.log_every=1"]
+    run_flags = [
+        "--gin.TrainConfig.steps=5",
+        "--gin.TrainConfig.batch_size=8",
+        "--gin.TrainConfig.seq_len=32",
+        "--gin.TrainConfig.eval_tasks=()",
+        "--gin.TrainConfig.log_every=1",
+    ]
     out = run_module("flm_jax.train", f"--workdir={dst}", *run_flags)
     assert out.returncode == 0, out.stderr[-3000:]
     records = metrics(dst)
@@ -283,8 +348,12 @@ def test_grow_refusals_write_nothing(trained, tmp_path):
     with pytest.raises(ConfigError, match="changes head_dim"):
         grow_checkpoint(trained, tmp_path / "a", GrowthSpec(hidden_size=96, num_attention_heads=4), SINGLE)
     with pytest.raises(ConfigError, match=r"max \|Δlogit\| .* > GrowthSpec.tolerance=1e-12. Nothing was written"):
-        grow_checkpoint(trained, tmp_path / "a", GrowthSpec(hidden_size=96, num_attention_heads=6,
-                                                             tolerance=1e-12, duplicate_noise=0.0), SINGLE)
+        grow_checkpoint(
+            trained,
+            tmp_path / "a",
+            GrowthSpec(hidden_size=96, num_attention_heads=6, tolerance=1e-12, duplicate_noise=0.0),
+            SINGLE,
+        )
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")

@@ -21,7 +21,7 @@ def reference_logits(p, tokens, segment_ids, positions, cfg):
         freq = cfg.rope_theta ** (-np.arange(0, hd, 2) / hd)
         ang = pos[:, None] * freq[None, :]
         cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
     out = []
@@ -53,24 +53,34 @@ def reference_logits(p, tokens, segment_ids, positions, cfg):
 def numpy_params(params):
     a = lambda x: np.asarray(x, np.float64)  # noqa: E731
     layers = params["layers"]
-    return dict(embed=a(params["embed_tokens"]), head=a(params["lm_head"]), norm=a(params["norm"]["scale"]),
-                ln1=a(layers["input_layernorm"]["scale"]), ln2=a(layers["post_attention_layernorm"]["scale"]),
-                wq=a(layers["self_attn"]["q_proj"]), wk=a(layers["self_attn"]["k_proj"]),
-                wv=a(layers["self_attn"]["v_proj"]), wo=a(layers["self_attn"]["o_proj"]),
-                wg=a(layers["mlp"]["gate_proj"]), wu=a(layers["mlp"]["up_proj"]), wd=a(layers["mlp"]["down_proj"]))
+    return dict(
+        embed=a(params["embed_tokens"]),
+        head=a(params["lm_head"]),
+        norm=a(params["norm"]["scale"]),
+        ln1=a(layers["input_layernorm"]["scale"]),
+        ln2=a(layers["post_attention_layernorm"]["scale"]),
+        wq=a(layers["self_attn"]["q_proj"]),
+        wk=a(layers["self_attn"]["k_proj"]),
+        wv=a(layers["self_attn"]["v_proj"]),
+        wo=a(layers["self_attn"]["o_proj"]),
+        wg=a(layers["mlp"]["gate_proj"]),
+        wu=a(layers["mlp"]["up_proj"]),
+        wd=a(layers["mlp"]["down_proj"]),
+    )
 
 
 def randomise(params, seed):
     """Random values for every leaf, norm gains around 1, so that no term of the math can hide."""
+
     def draw(path, x):
         key = jax.random.fold_in(jax.random.key(seed), hash(jax.tree_util.keystr(path)) % 2**31)
         noise = jax.random.normal(key, x.shape)
         return 1.0 + 0.2 * noise if path[-1].key == "scale" else 0.08 * noise
+
     return jax.tree_util.tree_map_with_path(draw, params)
 
 
-PACKED_SEGMENTS = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 0],
-                            [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0]])
+PACKED_SEGMENTS = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 0], [1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 0, 0]])
 
 
 def packed_positions(segments):
@@ -83,10 +93,20 @@ def packed_positions(segments):
 
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_logits_match_numpy_reference(kv_heads):
-    cfg = TeleFLMConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=32,
-                        input_mult=1.7, output_mult=0.5, mup_scale_factor=4.0, rope_theta=500.0,
-                        remat_policy="none")
+    cfg = TeleFLMConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=32,
+        input_mult=1.7,
+        output_mult=0.5,
+        mup_scale_factor=4.0,
+        rope_theta=500.0,
+        remat_policy="none",
+    )
     model = TeleFLM(cfg)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, PACKED_SEGMENTS.shape).astype(np.int32)
@@ -103,8 +123,14 @@ def test_logits_match_numpy_reference(kv_heads):
 
 def test_segments_do_not_interact():
     """Changing one packed document leaves the logits of the other documents in the row unchanged."""
-    cfg = TeleFLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, max_position_embeddings=16)
+    cfg = TeleFLMConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+    )
     model = TeleFLM(cfg)
     segments = PACKED_SEGMENTS[:1]
     positions = packed_positions(segments)
@@ -120,14 +146,22 @@ def test_segments_do_not_interact():
 
 
 def test_remat_policies_and_bf16_agree():
-    base = TeleFLMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=2, max_position_embeddings=16, remat_policy="none")
+    base = TeleFLMConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        remat_policy="none",
+    )
     tokens = (np.arange(16, dtype=np.int32)[None] * 5) % 64
     params = nn.meta.unbox(TeleFLM(base).init(jax.random.key(0), tokens)["params"])
 
     def loss_and_grad(cfg):
         def loss(p):
             return TeleFLM(cfg).apply({"params": p}, tokens).mean()
+
         return jax.value_and_grad(loss)(params)
 
     ref_loss, ref_grad = loss_and_grad(base)

@@ -14,15 +14,27 @@ from flm_jax.model import TeleFLM
 from flm_jax.mup import param_multipliers
 from flm_jax.optim import OptimizerConfig, make_optimizer
 
-WIDE = TeleFLMConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
-                     num_attention_heads=8, use_mup=True, mup_scale_factor=4.0, output_mult=2.0,
-                     initializer_range=0.02)
+WIDE = TeleFLMConfig(
+    vocab_size=512,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    use_mup=True,
+    mup_scale_factor=4.0,
+    output_mult=2.0,
+    initializer_range=0.02,
+)
 CLASSES = {  # leaf -> (init std, lr multiplier, weight-decay multiplier) for width_mult 4, L = 3, σ = 0.02
     "embed_tokens": (0.02, 1.0, 1.0),
     "lm_head": (0.02, 1.0, 1.0),
-    "q_proj": (0.01, 0.25, 4.0), "k_proj": (0.01, 0.25, 4.0), "v_proj": (0.01, 0.25, 4.0),
-    "gate_proj": (0.01, 0.25, 4.0), "up_proj": (0.01, 0.25, 4.0),
-    "o_proj": (0.01 / math.sqrt(6), 0.25, 4.0), "down_proj": (0.01 / math.sqrt(6), 0.25, 4.0),
+    "q_proj": (0.01, 0.25, 4.0),
+    "k_proj": (0.01, 0.25, 4.0),
+    "v_proj": (0.01, 0.25, 4.0),
+    "gate_proj": (0.01, 0.25, 4.0),
+    "up_proj": (0.01, 0.25, 4.0),
+    "o_proj": (0.01 / math.sqrt(6), 0.25, 4.0),
+    "down_proj": (0.01 / math.sqrt(6), 0.25, 4.0),
     "scale": (0.0, 1.0, 0.0),
 }
 
@@ -55,16 +67,16 @@ def test_adam_multipliers_per_parameter_class():
         assert m == lr and leaves(wd_mult)[path] == wd, path
     # Through the optimizer: the first Adam step moves each entry by lr·m_lr·(1 + wd·m_wd·p) (|m/sqrt(v)| = 1).
     peak, wd = 1e-2, 0.1
-    optimizer = OptimizerConfig(peak_learning_rate=peak, warmup_steps=0, schedule="constant", weight_decay=wd,
-                                grad_clip_norm=None)
+    optimizer = OptimizerConfig(
+        peak_learning_rate=peak, warmup_steps=0, schedule="constant", weight_decay=wd, grad_clip_norm=None
+    )
     tx, _ = make_optimizer(params, WIDE, optimizer, 10)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     for path, u in leaves(updates).items():
         _, lr, wdm = CLASSES[path.split("/")[-1]]
         p = np.asarray(leaves(params)[path])
-        np.testing.assert_allclose(np.asarray(u), -peak * lr * (1 + wd * wdm * p), rtol=1e-4, atol=1e-9,
-                                   err_msg=path)
+        np.testing.assert_allclose(np.asarray(u), -peak * lr * (1 + wd * wdm * p), rtol=1e-4, atol=1e-9, err_msg=path)
 
 
 def test_mup_at_width_mult_one_is_standard_parametrisation():
@@ -79,9 +91,11 @@ def test_mup_at_width_mult_one_is_standard_parametrisation():
         tx, _ = make_optimizer(params, cfg, OptimizerConfig(peak_learning_rate=1e-2, warmup_steps=1), 5)
         state = tx.init(params)
         for _ in range(3):
+
             def loss(p):
                 logits = TeleFLM(cfg).apply({"params": p}, tokens)
                 return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
             grads = jax.grad(loss)(params)
             updates, state = tx.update(grads, state, params)
             params = optax.apply_updates(params, updates)

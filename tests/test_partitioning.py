@@ -13,8 +13,16 @@ from flm_jax.partitioning import MeshLayout, batch_sharding, make_mesh
 from flm_jax.training.step import lm_loss
 from tests.helpers import load_layout
 
-TINY = TeleFLMConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=32, output_mult=0.5, mup_scale_factor=2.0)
+TINY = TeleFLMConfig(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+    output_mult=0.5,
+    mup_scale_factor=2.0,
+)
 
 # What each layout's rules prescribe, written out by hand per parameter (mesh axes per dimension).
 FSDP_TP = {
@@ -33,13 +41,14 @@ FSDP_TP = {
 }
 FSDP = {name: tuple(a if a == "fsdp" else None for a in axes) for name, axes in FSDP_TP.items()}
 REPLICATED = {name: (None,) * len(axes) for name, axes in FSDP_TP.items()}
-EXPECTED = {"single": (REPLICATED, 1), "data_parallel": (REPLICATED, 8), "fsdp": (FSDP, 8),
-            "fsdp_tp": (FSDP_TP, 8)}
+EXPECTED = {"single": (REPLICATED, 1), "data_parallel": (REPLICATED, 8), "fsdp": (FSDP, 8), "fsdp_tp": (FSDP_TP, 8)}
 
 
 def flat(tree):
-    return {jax.tree_util.keystr(p, simple=True, separator="/"): x
-            for p, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, NamedSharding))}
+    return {
+        jax.tree_util.keystr(p, simple=True, separator="/"): x
+        for p, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, NamedSharding))
+    }
 
 
 def normalise(spec, ndim, mesh):
@@ -71,13 +80,16 @@ def test_parameters_get_the_layouts_sharding(name):
 def batch(seed=0, b=8, t=16):
     rng = np.random.default_rng(seed)
     segments = np.ones((b, t), np.int32)
-    segments[:, t // 2:] = 2
+    segments[:, t // 2 :] = 2
     segments[0, -3:] = 0
     positions = np.concatenate([np.arange(t // 2), np.arange(t - t // 2)])[None].repeat(b, 0).astype(np.int32)
-    return {"inputs": rng.integers(0, TINY.vocab_size, (b, t), dtype=np.int32),
-            "targets": rng.integers(0, TINY.vocab_size, (b, t), dtype=np.int32),
-            "segment_ids": segments, "positions": positions,
-            "loss_weights": (segments != 0).astype(np.float32)}
+    return {
+        "inputs": rng.integers(0, TINY.vocab_size, (b, t), dtype=np.int32),
+        "targets": rng.integers(0, TINY.vocab_size, (b, t), dtype=np.int32),
+        "segment_ids": segments,
+        "positions": positions,
+        "loss_weights": (segments != 0).astype(np.float32),
+    }
 
 
 def loss_and_grads(layout, devices, params_host, batch_host):
@@ -97,8 +109,9 @@ def loss_and_grads(layout, devices, params_host, batch_host):
 
 def test_one_device_and_2x4_mesh_agree():
     single = load_layout("single")
-    params = jax.tree_util.tree_map(np.asarray, init_params(TINY, make_mesh(single, jax.devices()[:1]), single,
-                                                            jax.random.key(1)))
+    params = jax.tree_util.tree_map(
+        np.asarray, init_params(TINY, make_mesh(single, jax.devices()[:1]), single, jax.random.key(1))
+    )
     data = batch()
     loss_1, grads_1 = loss_and_grads(single, jax.devices()[:1], params, data)
     gin.clear_config()
@@ -114,8 +127,11 @@ def test_one_device_and_2x4_mesh_agree():
 def test_mesh_that_does_not_divide_a_dimension_is_refused():
     layout = load_layout("fsdp_tp")
     bad = TINY.replace(hidden_size=48, num_attention_heads=6, num_key_value_heads=6)  # 6 heads on tensor=4
-    with pytest.raises(ConfigError, match=r"k_proj dimension 2 \(logical axis 'kv_heads', size 6\).*"
-                       r"TeleFLMConfig.num_key_value_heads a multiple of 4"):
+    with pytest.raises(
+        ConfigError,
+        match=r"k_proj dimension 2 \(logical axis 'kv_heads', size 6\).*"
+        r"TeleFLMConfig.num_key_value_heads a multiple of 4",
+    ):
         param_shardings(bad, make_mesh(layout), layout)
 
 

@@ -69,12 +69,25 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 
 
 def run_cli(workdir, *extra, failpoint=None):
-    bindings = ["--gin.TrainConfig.steps=6", "--gin.TrainConfig.batch_size=8", "--gin.TrainConfig.seq_len=32",
-                "--gin.TrainConfig.log_every=1", "--gin.TrainConfig.eval_tasks=()",
-                "--gin.TrainConfig.checkpoint_every=2"]
+    bindings = [
+        "--gin.TrainConfig.steps=6",
+        "--gin.TrainConfig.batch_size=8",
+        "--gin.TrainConfig.seq_len=32",
+        "--gin.TrainConfig.log_every=1",
+        "--gin.TrainConfig.eval_tasks=()",
+        "--gin.TrainConfig.checkpoint_every=2",
+    ]
     # The same XLA flags as the in-process run.
-    return run_module("flm_jax.train", "--gin_file=gin/meshes/single.gin", f"--workdir={workdir}", *MODEL_FLAGS,
-                      *bindings, *FAST_FLAGS, *extra, env={"FLM_JAX_FAILPOINT": failpoint or ""})
+    return run_module(
+        "flm_jax.train",
+        "--gin_file=gin/meshes/single.gin",
+        f"--workdir={workdir}",
+        *MODEL_FLAGS,
+        *bindings,
+        *FAST_FLAGS,
+        *extra,
+        env={"FLM_JAX_FAILPOINT": failpoint or ""},
+    )
 
 
 @pytest.mark.parametrize("failpoint", ["mid_step:5", "mid_save:4"])
@@ -99,9 +112,15 @@ EXPERIMENTS = sorted(p.name for p in (REPO_ROOT / "gin/experiments").glob("*.gin
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_gin_runs_two_steps(name, tmp_path):
-    out = run_module("flm_jax.train", f"--gin_file=gin/experiments/{name}", f"--workdir={tmp_path}",
-                     "--gin.TrainConfig.steps=2", "--gin.TrainConfig.eval_every=0",
-                     "--gin.TrainConfig.eval_tasks=('flm_prose',)", env={"XLA_FLAGS": ""})
+    out = run_module(
+        "flm_jax.train",
+        f"--gin_file=gin/experiments/{name}",
+        f"--workdir={tmp_path}",
+        "--gin.TrainConfig.steps=2",
+        "--gin.TrainConfig.eval_every=0",
+        "--gin.TrainConfig.eval_tasks=('flm_prose',)",
+        env={"XLA_FLAGS": ""},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     last = metrics(tmp_path)[-1]
     assert last["step"] == 2 and np.isfinite(last["loss"]) and last["val_bpb"] > 0
@@ -120,8 +139,9 @@ def test_validation_bpb_equals_independent_nll_over_bytes(tmp_path):
     from flm_jax.model import TeleFLM
 
     seq_len = 64
-    last = run_train(tmp_path, TrainConfig(steps=1, batch_size=8, seq_len=seq_len, eval_tasks=("flm_code",),
-                                           eval_batch_size=32))
+    last = run_train(
+        tmp_path, TrainConfig(steps=1, batch_size=8, seq_len=seq_len, eval_tasks=("flm_code",), eval_batch_size=32)
+    )
     params = restore(tmp_path)[0]["params"]
     with gzip.open(REPO_ROOT / "flm_jax/data/assets/code.jsonl.gz", "rt", encoding="utf-8") as f:
         texts = [r["text"] for r in map(json.loads, f) if r["split"] == "validation"]
@@ -129,15 +149,18 @@ def test_validation_bpb_equals_independent_nll_over_bytes(tmp_path):
     chunks = []  # every document's tokens + EOS, cut into seq_len pieces, each read from BOS
     for text in texts:
         ids = sp.encode(text) + [data.EOS_ID]
-        chunks += [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
+        chunks += [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     targets = np.zeros((len(chunks), seq_len), np.int32)
     weights = np.zeros((len(chunks), seq_len), np.float32)
     for row, chunk in enumerate(chunks):
-        targets[row, :len(chunk)], weights[row, :len(chunk)] = chunk, 1.0
+        targets[row, : len(chunk)], weights[row, : len(chunk)] = chunk, 1.0
     inputs = np.concatenate([np.full((len(chunks), 1), data.BOS_ID, np.int32), targets[:, :-1]], axis=1)
     logits = np.asarray(TeleFLM(MODEL).apply({"params": params}, inputs), np.float64)
-    log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+    log_probs = (
+        logits
+        - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
         - logits.max(-1, keepdims=True)
+    )
     nll = -(np.take_along_axis(log_probs, targets[..., None], -1)[..., 0] * weights).sum()
     num_bytes = sum(len(t.encode("utf-8")) for t in texts)
     expected = nll / (math.log(2) * num_bytes)
@@ -155,8 +178,12 @@ def test_resuming_with_another_model_shape_is_refused_and_keeps_the_checkpoint(s
 
 # What the pre-restructure code logged when it resumed tests/fixtures/legacy_grown_workdir (a 1-layer d=16 model,
 # trained 2 steps, MSG-grown to 2 layers d=32 with a 4-step ramp) to step 6: step, loss, mask, batch CRC32.
-LEGACY_RESUME = [(3, 7.622369766235352, 0.0, 2379013445), (4, 7.60430908203125, 0.25, 1514842668),
-                 (5, 7.598598480224609, 0.5, 1292582925), (6, 7.555919170379639, 0.75, 2482631332)]
+LEGACY_RESUME = [
+    (3, 7.622369766235352, 0.0, 2379013445),
+    (4, 7.60430908203125, 0.25, 1514842668),
+    (5, 7.598598480224609, 0.5, 1292582925),
+    (6, 7.555919170379639, 0.75, 2482631332),
+]
 
 
 def test_a_workdir_written_by_the_previous_layout_resumes_exactly(tmp_path):
@@ -176,8 +203,9 @@ def test_a_workdir_written_by_the_previous_layout_resumes_exactly(tmp_path):
 
 
 def test_a_run_whose_gin_files_name_no_model_stops_with_the_fix(tmp_path):
-    out = run_module("flm_jax.train", "--gin_file=gin/meshes/single.gin", f"--workdir={tmp_path}",
-                     env={"XLA_FLAGS": ""})
+    out = run_module(
+        "flm_jax.train", "--gin_file=gin/meshes/single.gin", f"--workdir={tmp_path}", env={"XLA_FLAGS": ""}
+    )
     assert out.returncode == 2
     assert "TeleFLMConfig" in out.stderr and "Include a model gin file" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "checkpoints").exists()

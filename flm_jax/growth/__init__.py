@@ -36,8 +36,16 @@ def layer_order(src: TeleFLMConfig, spec: GrowthSpec, distances: Sequence[float]
     return select_layers(spec.layer_strategy, src.num_hidden_layers, target, distances, spec.distance_prefer)
 
 
-def grow(params: Any, src: TeleFLMConfig, spec: GrowthSpec, rng: jax.Array, opt_state: Any = None,
-         distances: Sequence[float] | None = None, start_step: int = 0, shardings: Any = None) -> GrowthResult:
+def grow(
+    params: Any,
+    src: TeleFLMConfig,
+    spec: GrowthSpec,
+    rng: jax.Array,
+    opt_state: Any = None,
+    distances: Sequence[float] | None = None,
+    start_step: int = 0,
+    shardings: Any = None,
+) -> GrowthResult:
     """Grow a parameter tree (and optionally an optax state holding Adam moments). With `shardings` (the target
     (params, opt_state) shardings) the arrays are grown inside one jax.jit with those out_shardings, so each
     device computes only its shards; call it under the target mesh."""
@@ -46,8 +54,11 @@ def grow(params: Any, src: TeleFLMConfig, spec: GrowthSpec, rng: jax.Array, opt_
 
     def grow_arrays(params, opt_state):
         new_params = grow_tree(params, src, tgt, spec, order, "params", rng)
-        new_opt = None if opt_state is None else map_adam_moments(
-            opt_state, lambda tree, kind: grow_tree(tree, src, tgt, spec, order, kind, rng))
+        new_opt = (
+            None
+            if opt_state is None
+            else map_adam_moments(opt_state, lambda tree, kind: grow_tree(tree, src, tgt, spec, order, kind, rng))
+        )
         return new_params, new_opt
 
     if shardings is not None:

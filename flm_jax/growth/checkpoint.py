@@ -30,8 +30,14 @@ from flm_jax.training.checkpoint import Checkpointer, config_gin_with_model, mak
 from flm_jax.training.state import StateSpec
 
 
-def grow_checkpoint(src_workdir: str | Path, dst_workdir: str | Path, spec: GrowthSpec, layout: MeshLayout,
-                    step: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+def grow_checkpoint(
+    src_workdir: str | Path,
+    dst_workdir: str | Path,
+    spec: GrowthSpec,
+    layout: MeshLayout,
+    step: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Grow SRC's checkpoint (latest, or `step`) into DST (see the module docstring); returns the report that
     DST/growth.json holds. Raises ConfigError, writing nothing, when the growth cannot or did not preserve the
     function."""
@@ -39,18 +45,24 @@ def grow_checkpoint(src_workdir: str | Path, dst_workdir: str | Path, spec: Grow
     dst = Path(dst_workdir)
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
-            raise ConfigError(f"--workdir {dst} is not empty; grow never writes over a run. Choose an empty "
-                              "folder or pass --overwrite.")
+            raise ConfigError(
+                f"--workdir {dst} is not empty; grow never writes over a run. Choose an empty "
+                "folder or pass --overwrite."
+            )
     src_ckpt = Checkpointer(src_workdir)
     step = src_ckpt.latest_step() if step is None else step
     if step is None or step not in src_ckpt.all_steps():
-        raise ConfigError(f"{src_workdir} has no checkpoint{'' if step is None else f' at step {step}'} "
-                          f"(it has {src_ckpt.all_steps()}).")
+        raise ConfigError(
+            f"{src_workdir} has no checkpoint{'' if step is None else f' at step {step}'} "
+            f"(it has {src_ckpt.all_steps()})."
+        )
     src_meta = src_ckpt.metadata(step)
     ramp = MSGRamp.from_metadata(src_meta)
     if ramp is not None:
-        raise ConfigError(f"The checkpoint at step {step} is in the middle of a growth ramp (mask "
-                          f"{float(ramp.value(step)):g}); train past the ramp before growing again.")
+        raise ConfigError(
+            f"The checkpoint at step {step} is in the middle of a growth ramp (mask "
+            f"{float(ramp.value(step)):g}); train past the ramp before growing again."
+        )
     src_cfg = TeleFLMConfig.from_dict(src_meta["model_config"])
     tgt_cfg = target_config(src_cfg, spec)  # raises for shrinking, head_dim changes, broken kv groups
     mesh = make_mesh(layout)
@@ -60,8 +72,10 @@ def grow_checkpoint(src_workdir: str | Path, dst_workdir: str | Path, spec: Grow
     try:
         state, data_state, _ = src_ckpt.restore(step, src_spec.abstract)
     except (ValueError, KeyError) as e:  # shapes in the checkpoint disagree with its metadata
-        raise ConfigError(f"{src_workdir} step {step}: the stored arrays do not match the model config in its "
-                          f"metadata, so it cannot be grown (was the checkpoint edited by hand?): {e}") from None
+        raise ConfigError(
+            f"{src_workdir} step {step}: the stored arrays do not match the model config in its "
+            f"metadata, so it cannot be grown (was the checkpoint edited by hand?): {e}"
+        ) from None
     src_ckpt.close()
 
     batch = probe_batch(src_cfg)
@@ -69,36 +83,69 @@ def grow_checkpoint(src_workdir: str | Path, dst_workdir: str | Path, spec: Grow
     tgt_spec = StateSpec.build(tgt_cfg, OptimizerConfig(), mesh, layout, step + 1)
     grow_started = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(layout.flax_rules()):
-        result = grow(state["params"], src_cfg, spec, jax.random.key(spec.seed), state["opt_state"], distances, step,
-                      shardings=(tgt_spec.shardings["params"], tgt_spec.shardings["opt_state"]))
+        result = grow(
+            state["params"],
+            src_cfg,
+            spec,
+            jax.random.key(spec.seed),
+            state["opt_state"],
+            distances,
+            step,
+            shardings=(tgt_spec.shardings["params"], tgt_spec.shardings["opt_state"]),
+        )
         jax.block_until_ready(result.params)
     grow_seconds = time.time() - grow_started
 
     masks = result.ramp.masks(tgt_cfg, 0.0) if result.ramp else None
-    report = {"source": str(src_workdir), "step": step,
-              **preservation(src_cfg, state["params"], tgt_cfg, result.params, batch, masks),
-              "grow_seconds": grow_seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "source_params": src_cfg.params_total(), "target_params": tgt_cfg.params_total(),
-              "layer_order": result.order, "layer_distances": distances, "mode": spec.mode}
-    print(f"growth {src_cfg.params_total():,} -> {tgt_cfg.params_total():,} parameters: max |Δlogit| "
-          f"{report['max_abs_dlogit']:.3e}, Δloss {report['dloss']:+.3e} (loss {report['loss_before']:.4f})",
-          flush=True)
+    report = {
+        "source": str(src_workdir),
+        "step": step,
+        **preservation(src_cfg, state["params"], tgt_cfg, result.params, batch, masks),
+        "grow_seconds": grow_seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "source_params": src_cfg.params_total(),
+        "target_params": tgt_cfg.params_total(),
+        "layer_order": result.order,
+        "layer_distances": distances,
+        "mode": spec.mode,
+    }
+    print(
+        f"growth {src_cfg.params_total():,} -> {tgt_cfg.params_total():,} parameters: max |Δlogit| "
+        f"{report['max_abs_dlogit']:.3e}, Δloss {report['dloss']:+.3e} (loss {report['loss_before']:.4f})",
+        flush=True,
+    )
     if not report["max_abs_dlogit"] <= spec.tolerance:
-        raise ConfigError(f"Growth changed the function: max |Δlogit| {report['max_abs_dlogit']:.3e} > "
-                          f"GrowthSpec.tolerance={spec.tolerance}. Nothing was written to {dst}.")
+        raise ConfigError(
+            f"Growth changed the function: max |Δlogit| {report['max_abs_dlogit']:.3e} > "
+            f"GrowthSpec.tolerance={spec.tolerance}. Nothing was written to {dst}."
+        )
 
     if dst.exists() and overwrite:
         shutil.rmtree(dst)
     dst.mkdir(parents=True, exist_ok=True)
-    metadata = make_metadata(tgt_cfg, stage_start_step=step, grown_from={"workdir": str(src_workdir), "step": step},
-                             **({METADATA_KEY: result.ramp.to_metadata(step)} if result.ramp else {}))
+    metadata = make_metadata(
+        tgt_cfg,
+        stage_start_step=step,
+        grown_from={"workdir": str(src_workdir), "step": step},
+        **({METADATA_KEY: result.ramp.to_metadata(step)} if result.ramp else {}),
+    )
     out = Checkpointer(dst, async_save=False)
-    out.save(step, {"step": state["step"], "params": result.params, "opt_state": result.opt_state}, data_state,
-             metadata, force=True)
+    out.save(
+        step,
+        {"step": state["step"], "params": result.params, "opt_state": result.opt_state},
+        data_state,
+        metadata,
+        force=True,
+    )
     out.close()
     src_gin = Path(src_workdir, "config.gin")
-    (dst / "config.gin").write_text(config_gin_with_model(src_gin.read_text() if src_gin.exists() else "", tgt_cfg,
-                                                          f"Grown from {src_workdir} step {step} by flm_jax.grow"))
+    (dst / "config.gin").write_text(
+        config_gin_with_model(
+            src_gin.read_text() if src_gin.exists() else "",
+            tgt_cfg,
+            f"Grown from {src_workdir} step {step} by flm_jax.grow",
+        )
+    )
     report["wall_seconds"] = time.time() - started
     (dst / "growth.json").write_text(json.dumps(report, indent=1))
     return report

@@ -73,4 +73,5 @@ def plain_source(reader: CheckpointReader) -> ParamSource:
     raise GrowthRampError(
         f"checkpoint step {reader.step} is in the middle of a growth mask ramp (mask {mask:g}): its function "
         "is neither the source model nor the plain grown model, so it cannot be used as a plain model. "
-        "Use a checkpoint from before the growth, or one from after the ramp has reached mask 1.")
+        "Use a checkpoint from before the growth, or one from after the ramp has reached mask 1."
+    )

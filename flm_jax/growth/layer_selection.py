@@ -32,8 +32,9 @@ def evenly_spaced(num_layers: int, extra: int) -> list[int]:
     return [int(i * num_layers // extra) % num_layers for i in range(extra)] if extra else []
 
 
-def select_layers(strategy: str, num_layers: int, target_layers: int,
-                  distances: Sequence[float] | None = None, prefer: str = "low") -> Order:
+def select_layers(
+    strategy: str, num_layers: int, target_layers: int, distances: Sequence[float] | None = None, prefer: str = "low"
+) -> Order:
     extra = target_layers - num_layers
     if extra < 0:
         raise ValueError(f"cannot grow {num_layers} layers to {target_layers}")

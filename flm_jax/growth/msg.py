@@ -33,10 +33,17 @@ class MSGRamp:
     new_layers: tuple[bool, ...]  # per layer of the grown stack: True for a layer the growth added
 
     @classmethod
-    def after_growth(cls, src: TeleFLMConfig, order: Sequence[tuple[int, bool]], start_step: int,
-                     ramp_steps: int) -> MSGRamp:
-        return cls(int(start_step), int(ramp_steps), src.hidden_size, src.num_attention_heads,
-                   src.intermediate_size, tuple(bool(new) for _, new in order))
+    def after_growth(
+        cls, src: TeleFLMConfig, order: Sequence[tuple[int, bool]], start_step: int, ramp_steps: int
+    ) -> MSGRamp:
+        return cls(
+            int(start_step),
+            int(ramp_steps),
+            src.hidden_size,
+            src.num_attention_heads,
+            src.intermediate_size,
+            tuple(bool(new) for _, new in order),
+        )
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any]) -> MSGRamp | None:
@@ -66,9 +73,12 @@ class MSGRamp:
             return jnp.where(jnp.arange(size) < old, 1.0, m)
 
         layers = jnp.where(jnp.asarray(self.new_layers), m, 1.0)
-        return GrowthMasks(hidden=mask(config.hidden_size, self.old_hidden),
-                           heads=mask(config.num_attention_heads, self.old_heads),
-                           ffn=mask(config.intermediate_size, self.old_ffn), layers=layers)
+        return GrowthMasks(
+            hidden=mask(config.hidden_size, self.old_hidden),
+            heads=mask(config.num_attention_heads, self.old_heads),
+            ffn=mask(config.intermediate_size, self.old_ffn),
+            layers=layers,
+        )
 
 
 def masks_at(ramp: MSGRamp | None, config: TeleFLMConfig, step) -> GrowthMasks | None:

@@ -33,8 +33,13 @@ AXIS_ROLES = {
     "up_proj": (("hidden", "in"), ("ffn", "out")),
     "down_proj": (("ffn", "in"), ("hidden", "out")),
 }
-SPACE_FIELDS = {"hidden": "hidden_size", "heads": "num_attention_heads", "kv_heads": "num_key_value_heads",
-                "ffn": "intermediate_size", "vocab": "vocab_size"}
+SPACE_FIELDS = {
+    "hidden": "hidden_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "ffn": "intermediate_size",
+    "vocab": "vocab_size",
+}
 LAYER_OUTPUTS = ("o_proj", "down_proj")  # zeroed in an exactly inserted layer: the block starts as the identity
 KINDS = ("params", "mu", "nu")
 
@@ -50,12 +55,17 @@ def axis_roles(path) -> tuple:
 
 
 def _method(spec: GrowthSpec, space: str) -> str:
-    return {"hidden": spec.hidden_method, "heads": spec.heads_method, "kv_heads": spec.heads_method,
-            "ffn": spec.ffn_method}.get(space, "new")
+    return {
+        "hidden": spec.hidden_method,
+        "heads": spec.heads_method,
+        "kv_heads": spec.heads_method,
+        "ffn": spec.ffn_method,
+    }.get(space, "new")
 
 
-def _new_entries(x, axis: int, count: int, kind: str, role: str, space: str, std: float | None, spec: GrowthSpec,
-                 key: jax.Array):
+def _new_entries(
+    x, axis: int, count: int, kind: str, role: str, space: str, std: float | None, spec: GrowthSpec, key: jax.Array
+):
     """`count` fresh entries along `axis`: what the operator rule says new structure starts with."""
     shape = list(x.shape)
     shape[axis] = count
@@ -68,8 +78,9 @@ def _new_entries(x, axis: int, count: int, kind: str, role: str, space: str, std
     # Exact mode: new hidden coordinates are never written (writers' new rows are 0) and new heads / FFN units /
     # vocabulary logits are never read (their output weights are 0); readers' new inputs are free (random).
     # MSG mode: everything new is random, masks hide it. New vocabulary: embedding rows random, head columns 0.
-    zero = (role == "col") or (spec.mode == "exact" and (
-        (space == "hidden" and role == "out") or (space in ("heads", "ffn") and role == "in")))
+    zero = (role == "col") or (
+        spec.mode == "exact" and ((space == "hidden" and role == "out") or (space in ("heads", "ffn") and role == "in"))
+    )
     if zero or std is None:
         return jnp.zeros(shape, x.dtype)
     return (std * jax.random.normal(key, shape)).astype(x.dtype)
@@ -90,8 +101,7 @@ def _duplicate(x, axis: int, k: int, kind: str, role: str, spec: GrowthSpec, key
     return tiled
 
 
-def grow_width(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSpec, kind: str,
-               rng: jax.Array) -> Any:
+def grow_width(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSpec, kind: str, rng: jax.Array) -> Any:
     """Grow hidden, heads (with their kv heads), FFN and vocabulary of every leaf (layers untouched)."""
 
     def grow_leaf(path, x):
@@ -109,8 +119,9 @@ def grow_width(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSp
             if k > 1:
                 x = _duplicate(x, axis, k, kind, role, spec, jax.random.fold_in(key, 2 * axis))
             if N > k * n:
-                fresh = _new_entries(x, axis, N - k * n, kind, role, space, std, spec,
-                                     jax.random.fold_in(key, 2 * axis + 1))
+                fresh = _new_entries(
+                    x, axis, N - k * n, kind, role, space, std, spec, jax.random.fold_in(key, 2 * axis + 1)
+                )
                 x = jnp.concatenate([x, fresh], axis=axis)
         if leaf_name(path) == "lm_head" and src.use_mup and tgt.mup_scale_factor != src.mup_scale_factor:
             # μP readout (docs/growth_math.md): logits = output_mult / mup_scale_factor · U N(x); keep the product.
@@ -132,8 +143,11 @@ def grow_depth(tree: Any, order: Sequence[tuple[int, bool]], spec: GrowthSpec, k
         if axis_roles(path)[0] != ("layers", None):
             return x
         y = jnp.take(x, index, axis=0)
-        zero_new = (kind == "mu" or (kind == "nu" and spec.new_moments == "zero") or
-                    (kind == "params" and spec.mode == "exact" and leaf_name(path) in LAYER_OUTPUTS))
+        zero_new = (
+            kind == "mu"
+            or (kind == "nu" and spec.new_moments == "zero")
+            or (kind == "params" and spec.mode == "exact" and leaf_name(path) in LAYER_OUTPUTS)
+        )
         if zero_new:
             y = jnp.where(is_new.reshape((-1,) + (1,) * (y.ndim - 1)), 0, y)
         return y
@@ -141,8 +155,9 @@ def grow_depth(tree: Any, order: Sequence[tuple[int, bool]], spec: GrowthSpec, k
     return jax.tree_util.tree_map_with_path(grow_leaf, tree)
 
 
-def grow_tree(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSpec, order, kind: str,
-              rng: jax.Array) -> Any:
+def grow_tree(
+    tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSpec, order, kind: str, rng: jax.Array
+) -> Any:
     """Width, then depth (new layers copy already-widened layers)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")

@@ -36,8 +36,10 @@ def stages(stages: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     for i, stage in enumerate(stages, start=1):
         unknown = sorted(set(stage) - set(STAGE_KEYS))
         if unknown or "steps" not in stage:
-            raise ConfigError(f"stage {i} of stages.stages has keys {sorted(stage)}; a stage has 'steps' and "
-                              f"optionally 'gin_files' and 'growth' (put bindings in a stage gin file).")
+            raise ConfigError(
+                f"stage {i} of stages.stages has keys {sorted(stage)}; a stage has 'steps' and "
+                f"optionally 'gin_files' and 'growth' (put bindings in a stage gin file)."
+            )
     return [dict(s) for s in stages]
 
 
@@ -60,21 +62,31 @@ def run_schedule(workdir: Path, plan: list[dict[str, Any]]) -> list[dict[str, An
         gin_files = [f"--gin_file={f}" for f in stage.get("gin_files", [])]
         if i > 1 and stage.get("growth"):
             if not (stage_dir / "growth.json").exists():
-                row["grow_seconds"] = run(["flm_jax.grow", f"--gin_file={stage['growth']}",
-                                           f"--from_workdir={workdir / f'stage{i - 1}'}", f"--workdir={stage_dir}"])
+                row["grow_seconds"] = run(
+                    [
+                        "flm_jax.grow",
+                        f"--gin_file={stage['growth']}",
+                        f"--from_workdir={workdir / f'stage{i - 1}'}",
+                        f"--workdir={stage_dir}",
+                    ]
+                )
             row["growth"] = json.loads((stage_dir / "growth.json").read_text())
             gin_files.insert(0, f"--gin_file={stage_dir / CONFIG_GIN}")  # the grown model
         latest = Checkpointer(stage_dir).latest_step() if (stage_dir / "checkpoints").exists() else None
         if latest is None or latest < stage["steps"]:
-            row["train_seconds"] = run(["flm_jax.train", *gin_files, f"--workdir={stage_dir}",
-                                        f"--gin.TrainConfig.steps={stage['steps']}"])
+            row["train_seconds"] = run(
+                ["flm_jax.train", *gin_files, f"--workdir={stage_dir}", f"--gin.TrainConfig.steps={stage['steps']}"]
+            )
         logged = metrics(stage_dir)
         evaluated = [m for m in logged if "val_loss" in m]
-        row.update(steps=stage["steps"], first_loss=logged[0]["loss"] if logged else None,
-                   last_loss=logged[-1]["loss"] if logged else None,
-                   val_loss=evaluated[-1]["val_loss"] if evaluated else None,
-                   val_bpb=evaluated[-1]["val_bpb"] if evaluated else None,
-                   tokens_per_sec=logged[-1]["tokens_per_sec"] if logged else None)
+        row.update(
+            steps=stage["steps"],
+            first_loss=logged[0]["loss"] if logged else None,
+            last_loss=logged[-1]["loss"] if logged else None,
+            val_loss=evaluated[-1]["val_loss"] if evaluated else None,
+            val_bpb=evaluated[-1]["val_bpb"] if evaluated else None,
+            tokens_per_sec=logged[-1]["tokens_per_sec"] if logged else None,
+        )
         rows.append(row)
     return rows
 
@@ -84,14 +96,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if "growth" in row:
             g = row["growth"]
-            lines.append(f"growth into stage {row['stage']}: {g['source_params']:,} -> {g['target_params']:,} "
-                         f"parameters, probe loss {g['loss_before']:.4f} -> {g['loss_after']:.4f}, max |Δlogit| "
-                         f"{g['max_abs_dlogit']:.2e}, {g['grow_seconds']:.1f} s, peak RSS {g['peak_rss_mib']:.0f} MiB")
-    lines.append(f"{'stage':>5} {'to step':>8} {'first loss':>10} {'last loss':>10} {'val loss':>9} {'val bpb':>8} "
-                 f"{'tok/s':>7} {'train s':>8}")
+            lines.append(
+                f"growth into stage {row['stage']}: {g['source_params']:,} -> {g['target_params']:,} "
+                f"parameters, probe loss {g['loss_before']:.4f} -> {g['loss_after']:.4f}, max |Δlogit| "
+                f"{g['max_abs_dlogit']:.2e}, {g['grow_seconds']:.1f} s, peak RSS {g['peak_rss_mib']:.0f} MiB"
+            )
+    lines.append(
+        f"{'stage':>5} {'to step':>8} {'first loss':>10} {'last loss':>10} {'val loss':>9} {'val bpb':>8} "
+        f"{'tok/s':>7} {'train s':>8}"
+    )
     for row in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"{row['stage']:>5} {row['steps']:>8} {fmt(row['first_loss'], '10.4f')} "
-                     f"{fmt(row['last_loss'], '10.4f')} {fmt(row['val_loss'], '9.4f')} {fmt(row['val_bpb'], '8.4f')} "
-                     f"{fmt(row['tokens_per_sec'], '7.0f')} {fmt(row.get('train_seconds'), '8.1f')}")
+        lines.append(
+            f"{row['stage']:>5} {row['steps']:>8} {fmt(row['first_loss'], '10.4f')} "
+            f"{fmt(row['last_loss'], '10.4f')} {fmt(row['val_loss'], '9.4f')} {fmt(row['val_bpb'], '8.4f')} "
+            f"{fmt(row['tokens_per_sec'], '7.0f')} {fmt(row.get('train_seconds'), '8.1f')}"
+        )
     return "\n".join(lines)

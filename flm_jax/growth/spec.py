@@ -44,9 +44,15 @@ class GrowthSpec:
     expect_source: dict | None = None  # e.g. {"hidden_size": 256}: refuse a source checkpoint of another shape
 
     def __post_init__(self):
-        checks = (("mode", MODES), ("hidden_method", WIDTH_METHODS), ("ffn_method", WIDTH_METHODS),
-                  ("heads_method", WIDTH_METHODS), ("layer_strategy", LAYER_STRATEGIES),
-                  ("new_moments", NEW_MOMENT_POLICIES), ("distance_prefer", ("low", "high")))
+        checks = (
+            ("mode", MODES),
+            ("hidden_method", WIDTH_METHODS),
+            ("ffn_method", WIDTH_METHODS),
+            ("heads_method", WIDTH_METHODS),
+            ("layer_strategy", LAYER_STRATEGIES),
+            ("new_moments", NEW_MOMENT_POLICIES),
+            ("distance_prefer", ("low", "high")),
+        )
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"GrowthSpec.{name}={getattr(self, name)!r} is not one of {allowed}.")
@@ -60,27 +66,38 @@ def target_config(src: TeleFLMConfig, spec: GrowthSpec) -> TeleFLMConfig:
     """The grown model's config; raises ConfigError for shrinking, a head_dim change or broken kv groups."""
     for name, value in (spec.expect_source or {}).items():
         if getattr(src, name) != value:
-            raise ConfigError(f"The source checkpoint has {name}={getattr(src, name)} but this growth expects "
-                              f"{value} (GrowthSpec.expect_source): it was written for another model. Grow the "
-                              "checkpoint it was written for, or fix the growth gin file.")
+            raise ConfigError(
+                f"The source checkpoint has {name}={getattr(src, name)} but this growth expects "
+                f"{value} (GrowthSpec.expect_source): it was written for another model. Grow the "
+                "checkpoint it was written for, or fix the growth gin file."
+            )
     d, D = src.hidden_size, spec.hidden_size or src.hidden_size
     H = spec.num_attention_heads or src.num_attention_heads
-    sizes = {"hidden_size": D, "intermediate_size": spec.intermediate_size or src.intermediate_size,
-             "num_attention_heads": H, "num_hidden_layers": spec.num_hidden_layers or src.num_hidden_layers,
-             "vocab_size": spec.vocab_size or src.vocab_size}
+    sizes = {
+        "hidden_size": D,
+        "intermediate_size": spec.intermediate_size or src.intermediate_size,
+        "num_attention_heads": H,
+        "num_hidden_layers": spec.num_hidden_layers or src.num_hidden_layers,
+        "vocab_size": spec.vocab_size or src.vocab_size,
+    }
     for name, new in sizes.items():
         if new < getattr(src, name):
-            raise ConfigError(f"GrowthSpec.{name}={new} is smaller than the source's {getattr(src, name)}: growth "
-                              "never shrinks a model. Choose a size >= the source's.")
+            raise ConfigError(
+                f"GrowthSpec.{name}={new} is smaller than the source's {getattr(src, name)}: growth "
+                "never shrinks a model. Choose a size >= the source's."
+            )
     if D % H or D // H != src.head_dim:
-        raise ConfigError(f"Growing to hidden_size={D} with num_attention_heads={H} changes head_dim from "
-                          f"{src.head_dim} to {D / H:g}; growth keeps head_dim fixed (RoPE and the attention "
-                          f"scale of the old heads would change). Set num_attention_heads = hidden_size / "
-                          f"{src.head_dim}.")
+        raise ConfigError(
+            f"Growing to hidden_size={D} with num_attention_heads={H} changes head_dim from "
+            f"{src.head_dim} to {D / H:g}; growth keeps head_dim fixed (RoPE and the attention "
+            f"scale of the old heads would change). Set num_attention_heads = hidden_size / "
+            f"{src.head_dim}."
+        )
     group = src.num_attention_heads // src.num_key_value_heads
     if H % group:
-        raise ConfigError(f"num_attention_heads={H} breaks the kv groups of {group} query heads; grow heads by a "
-                          f"multiple of {group}.")
+        raise ConfigError(
+            f"num_attention_heads={H} breaks the kv groups of {group} query heads; grow heads by a multiple of {group}."
+        )
     for name, method in (("intermediate_size", spec.ffn_method), ("num_attention_heads", spec.heads_method)):
         if method == "duplicate" and sizes[name] % getattr(src, name):
             raise ConfigError(f"{name}: duplication needs a multiple of the source's {getattr(src, name)}.")

@@ -69,9 +69,17 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def export(workdir: str | Path, out: str | Path, fmt: str = LLAMA, dtype: str = "float32", step: int | None = None,
-           max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, tokenizer: str | Path | None = None,
-           overwrite: bool = False, progress: Callable[[str], None] = print) -> dict:
+def export(
+    workdir: str | Path,
+    out: str | Path,
+    fmt: str = LLAMA,
+    dtype: str = "float32",
+    step: int | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Callable[[str], None] = print,
+) -> dict:
     """Write the Hugging Face folder; returns a summary (files, bytes, seconds, peak RSS)."""
     if fmt not in FORMATS:
         raise ConfigError(f"format {fmt!r} is not one of {FORMATS}")
@@ -91,11 +99,15 @@ def export(workdir: str | Path, out: str | Path, fmt: str = LLAMA, dtype: str = 
         specs.append((tensor.name(layer), tensor.hf_shape(shape[1:] if tensor.stacked else shape)))
     slow = [t for t in LAYER_TENSORS if len(reader.shape(t.path)) > 1 and not reader.layer_chunked(t.path)]
     if slow:
-        progress(f"warning: {len(slow)} stacked arrays are not stored one layer per chunk; each layer read "
-                 "decompresses the whole array (re-save the checkpoint with flm_jax.training.checkpoint to stream).")
+        progress(
+            f"warning: {len(slow)} stacked arrays are not stored one layer per chunk; each layer read "
+            "decompresses the whole array (re-save the checkpoint with flm_jax.training.checkpoint to stream)."
+        )
     writer = SafetensorsWriter(out, specs, dtype, parse_size(max_shard_size))
-    progress(f"exporting step {reader.step} of {workdir} as {fmt} {dtype} into {out} "
-             f"({len(writer.files)} file{'s' if len(writer.files) > 1 else ''})")
+    progress(
+        f"exporting step {reader.step} of {workdir} as {fmt} {dtype} into {out} "
+        f"({len(writer.files)} file{'s' if len(writer.files) > 1 else ''})"
+    )
 
     for tensor, layer in order:
         writer.write(tensor.name(layer), _hf_tensor(source, tensor, layer, fmt))
@@ -109,9 +121,18 @@ def export(workdir: str | Path, out: str | Path, fmt: str = LLAMA, dtype: str = 
     make_config = llama_config if fmt == LLAMA else teleflm_config
     (out / "config.json").write_text(json.dumps(make_config(config, dtype), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
-    summary = {"out": str(out), "format": fmt, "dtype": dtype, "step": reader.step, "files": files,
-               "bytes": sum((out / f).stat().st_size for f in files), "seconds": time.time() - start,
-               "peak_rss_mib": peak_rss_mib()}
-    progress(f"done in {summary['seconds']:.1f} s: {summary['bytes'] / 2**20:.1f} MiB in {len(files)} file(s), "
-             f"peak RSS {summary['peak_rss_mib']:.0f} MiB")
+    summary = {
+        "out": str(out),
+        "format": fmt,
+        "dtype": dtype,
+        "step": reader.step,
+        "files": files,
+        "bytes": sum((out / f).stat().st_size for f in files),
+        "seconds": time.time() - start,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+    progress(
+        f"done in {summary['seconds']:.1f} s: {summary['bytes'] / 2**20:.1f} MiB in {len(files)} file(s), "
+        f"peak RSS {summary['peak_rss_mib']:.0f} MiB"
+    )
     return summary

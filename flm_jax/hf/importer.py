@@ -92,10 +92,12 @@ def check_tensors(weights: HFWeights, expected, tied: bool) -> None:
             misshapen.append(f"{name} {list(weights.shape(name))} (expected {list(tensor.hf_shape(flm_shape))})")
     known = {t.name(i) for t, i, _ in expected}
     unknown = sorted(n for n in present - known if not n.endswith(IGNORED_HF_SUFFIXES))
-    problems = [f"{label}: {', '.join(names[:MAX_NAMED])}" + (f" (+{len(names) - MAX_NAMED} more)"
-                                                              if len(names) > MAX_NAMED else "")
-                for label, names in (("missing", missing), ("wrong shape", misshapen), ("unexpected", unknown))
-                if names]
+    problems = [
+        f"{label}: {', '.join(names[:MAX_NAMED])}"
+        + (f" (+{len(names) - MAX_NAMED} more)" if len(names) > MAX_NAMED else "")
+        for label, names in (("missing", missing), ("wrong shape", misshapen), ("unexpected", unknown))
+        if names
+    ]
     if problems:
         raise HFImportError(f"{weights.dir} does not match its config.json: " + "; ".join(problems))
 
@@ -125,9 +127,16 @@ def read_params(weights: HFWeights, expected, config: TeleFLMConfig, fmt: str, t
     return tree
 
 
-def import_hf(hf_dir: str | Path, workdir: str | Path, layout: MeshLayout, runtime: dict[str, Any] | None = None,
-              use_mup: bool | None = None, input_mult: float | None = None, output_mult: float | None = None,
-              mup_scale_factor: float | None = None) -> TeleFLMConfig:
+def import_hf(
+    hf_dir: str | Path,
+    workdir: str | Path,
+    layout: MeshLayout,
+    runtime: dict[str, Any] | None = None,
+    use_mup: bool | None = None,
+    input_mult: float | None = None,
+    output_mult: float | None = None,
+    mup_scale_factor: float | None = None,
+) -> TeleFLMConfig:
     """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir; returns the model config.
     `runtime` sets TeleFLMConfig's runtime fields (dtype, param_dtype, remat_policy); the rest comes from the
     folder's config.json (see the module docstring for the μP fields)."""
@@ -136,8 +145,16 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, layout: MeshLayout, runti
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir.")
     hf = json.loads((hf_dir / "config.json").read_text())
     fmt = hf_format(hf)
-    mup = resolve_mup(hf, fmt, {"use_mup": use_mup, "input_mult": input_mult, "output_mult": output_mult,
-                                "mup_scale_factor": mup_scale_factor})
+    mup = resolve_mup(
+        hf,
+        fmt,
+        {
+            "use_mup": use_mup,
+            "input_mult": input_mult,
+            "output_mult": output_mult,
+            "mup_scale_factor": mup_scale_factor,
+        },
+    )
     config = config_from_hf(hf, mup, runtime or {})
     tied = bool(hf.get("tie_word_embeddings", False))
     weights = HFWeights(hf_dir)
@@ -150,11 +167,14 @@ def import_hf(hf_dir: str | Path, workdir: str | Path, layout: MeshLayout, runti
     spec = StateSpec.build(config, OptimizerConfig(), mesh, layout, total_steps=1)
     params = jax.tree_util.tree_map(
         lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]),
-        params_np, spec.shardings["params"])
+        params_np,
+        spec.shardings["params"],
+    )
     del params_np
     state = init_state(params, spec.tx, spec.shardings)
-    metadata = make_metadata(config, imported_from={"hf_dir": str(hf_dir.resolve()), "format": fmt,
-                                                    "weights": weights.kind})
+    metadata = make_metadata(
+        config, imported_from={"hf_dir": str(hf_dir.resolve()), "format": fmt, "weights": weights.kind}
+    )
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(0, state, {}, metadata, force=True)
     ckpt.wait()

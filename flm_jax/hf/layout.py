@@ -50,7 +50,7 @@ class Tensor:
         """The Hugging Face shape of one (layer's) flm_jax array of shape flm_shape."""
         if self.n_in is None:
             return tuple(flm_shape)
-        return (math.prod(flm_shape[self.n_in:]), math.prod(flm_shape[:self.n_in]))
+        return (math.prod(flm_shape[self.n_in :]), math.prod(flm_shape[: self.n_in]))
 
     def to_hf(self, x: np.ndarray) -> np.ndarray:
         if self.n_in is None:
@@ -83,8 +83,11 @@ ALL_TENSORS = (EMBED, *LAYER_TENSORS, FINAL_NORM, LM_HEAD)
 
 def hf_order(num_layers: int) -> list[tuple[Tensor, int | None]]:
     """(tensor, layer) in file order: embedding, layer 0 ... layer L-1, final norm, head."""
-    return ([(EMBED, None)] + [(t, i) for i in range(num_layers) for t in LAYER_TENSORS] +
-            [(FINAL_NORM, None), (LM_HEAD, None)])
+    return (
+        [(EMBED, None)]
+        + [(t, i) for i in range(num_layers) for t in LAYER_TENSORS]
+        + [(FINAL_NORM, None), (LM_HEAD, None)]
+    )
 
 
 NORMS = (LAYER_TENSORS[0], LAYER_TENSORS[5], FINAL_NORM)
@@ -104,6 +107,7 @@ def fold_factor(tensor: Tensor, config: TeleFLMConfig, fmt: str) -> float:
 
 
 # --- configs ---
+
 
 def _common_config(config: TeleFLMConfig, dtype: str) -> dict[str, Any]:
     return {
@@ -133,18 +137,29 @@ def _common_config(config: TeleFLMConfig, dtype: str) -> dict[str, Any]:
 
 
 def llama_config(config: TeleFLMConfig, dtype: str) -> dict[str, Any]:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_common_config(config, dtype),
-            FOLDED_MUP_KEY: {k: getattr(config, k) for k in MUP_FIELDS}}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **_common_config(config, dtype),
+        FOLDED_MUP_KEY: {k: getattr(config, k) for k in MUP_FIELDS},
+    }
 
 
 def teleflm_config(config: TeleFLMConfig, dtype: str) -> dict[str, Any]:
-    return {"architectures": ["TeleFLMForCausalLM"], "model_type": "TeleFLM", **_common_config(config, dtype),
-            **{k: getattr(config, k) for k in MUP_FIELDS}}
+    return {
+        "architectures": ["TeleFLMForCausalLM"],
+        "model_type": "TeleFLM",
+        **_common_config(config, dtype),
+        **{k: getattr(config, k) for k in MUP_FIELDS},
+    }
 
 
 def generation_config(config: TeleFLMConfig) -> dict[str, Any]:
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-            "pad_token_id": config.pad_token_id}
+    return {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
 
 
 def hf_format(hf_config: dict[str, Any]) -> str:
@@ -153,8 +168,9 @@ def hf_format(hf_config: dict[str, Any]) -> str:
         return LLAMA
     if model_type == "teleflm":
         return TELEFLM
-    raise ConfigError(f"config.json has model_type {hf_config.get('model_type')!r}; import reads 'llama' and "
-                      "'TeleFLM' folders only.")
+    raise ConfigError(
+        f"config.json has model_type {hf_config.get('model_type')!r}; import reads 'llama' and 'TeleFLM' folders only."
+    )
 
 
 def _rope_theta(hf: dict[str, Any]) -> float:
@@ -168,26 +184,38 @@ def _rope_theta(hf: dict[str, Any]) -> float:
 
 def config_from_hf(hf: dict[str, Any], mup: dict[str, Any], runtime: dict[str, Any]) -> TeleFLMConfig:
     """TeleFLMConfig of a Hugging Face config.json; `mup` gives the μP fields, `runtime` dtype/remat settings."""
-    unsupported = {"hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-                   "attention_bias": (hf.get("attention_bias", False), False),
-                   "mlp_bias": (hf.get("mlp_bias", False), False)}
+    unsupported = {
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (hf.get("attention_bias", False), False),
+        "mlp_bias": (hf.get("mlp_bias", False), False),
+    }
     bad = {k: v for k, (v, want) in unsupported.items() if v != want}
     if bad:
         raise ConfigError(f"config.json has {bad}; the Tele-FLM architecture needs silu and no biases.")
     heads = int(hf["num_attention_heads"])
     config = TeleFLMConfig(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]), num_hidden_layers=int(hf["num_hidden_layers"]),
-        num_attention_heads=heads, num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+        vocab_size=int(hf["vocab_size"]),
+        hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]),
+        num_hidden_layers=int(hf["num_hidden_layers"]),
+        num_attention_heads=heads,
+        num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=_rope_theta(hf),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        rope_theta=_rope_theta(hf),
         initializer_range=float(hf.get("initializer_range", 0.02)),
-        pad_token_id=_token_id(hf, "pad_token_id", 0), bos_token_id=_token_id(hf, "bos_token_id", 1),
-        eos_token_id=_token_id(hf, "eos_token_id", 2), **mup, **runtime)
+        pad_token_id=_token_id(hf, "pad_token_id", 0),
+        bos_token_id=_token_id(hf, "bos_token_id", 1),
+        eos_token_id=_token_id(hf, "eos_token_id", 2),
+        **mup,
+        **runtime,
+    )
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) != config.head_dim:
-        raise ConfigError(f"config.json head_dim={head_dim} differs from hidden_size / num_attention_heads = "
-                          f"{config.head_dim}; flm_jax derives head_dim from those two.")
+        raise ConfigError(
+            f"config.json head_dim={head_dim} differs from hidden_size / num_attention_heads = "
+            f"{config.head_dim}; flm_jax derives head_dim from those two."
+        )
     return config
 
 

@@ -18,10 +18,12 @@ from pathlib import Path
 from flm_jax.config import TeleFLMConfig
 
 # Strings that exercise whitespace runs, newlines, digits, code and byte fallback.
-CHECK_TEXTS = ("In the beginning God created the heaven and the earth.",
-               "  two leading spaces,\ttab and\n\nnewlines ",
-               "def f(x):\n    return x ** 2  # 12345\n",
-               "Unicode: é ü 中文 🤖 — done.")
+CHECK_TEXTS = (
+    "In the beginning God created the heaven and the earth.",
+    "  two leading spaces,\ttab and\n\nnewlines ",
+    "def f(x):\n    return x ** 2  # 12345\n",
+    "Unicode: é ü 中文 🤖 — done.",
+)
 
 
 def default_tokenizer_path() -> Path:

@@ -21,13 +21,27 @@ import numpy as np
 from flm_jax.config import ConfigError
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
-NUMPY_DTYPES = {"float32": np.dtype("<f4"), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                "float16": np.dtype("<f2"), "float64": np.dtype("<f8")}
+NUMPY_DTYPES = {
+    "float32": np.dtype("<f4"),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype("<f2"),
+    "float64": np.dtype("<f8"),
+}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 BIN_FILE, BIN_INDEX_FILE = "pytorch_model.bin", "pytorch_model.bin.index.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -61,8 +75,7 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...]]], dtype: str, max_shard_
 class SafetensorsWriter:
     """Writes the planned tensors, which must arrive in plan order, into one or several safetensors files."""
 
-    def __init__(self, out_dir: str | Path, specs: list[tuple[str, tuple[int, ...]]], dtype: str,
-                 max_shard_bytes: int):
+    def __init__(self, out_dir: str | Path, specs: list[tuple[str, tuple[int, ...]]], dtype: str, max_shard_bytes: int):
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
         self.out_dir, self.dtype = Path(out_dir), dtype
@@ -70,16 +83,20 @@ class SafetensorsWriter:
         self.shards = plan_shards(specs, dtype, max_shard_bytes)
         n = len(self.shards)
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        self._order: Iterator[tuple[int, str]] = iter([(k, name) for k, names in enumerate(self.shards)
-                                                       for name in names])
+        self._order: Iterator[tuple[int, str]] = iter(
+            [(k, name) for k, names in enumerate(self.shards) for name in names]
+        )
         self._shard, self._file = -1, None
 
     def _open_shard(self, k: int) -> IO[bytes]:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name in self.shards[k]:
             nbytes = _nbytes(self.shapes[name], self.dtype)
-            header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(self.shapes[name]),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[self.dtype],
+                "shape": list(self.shapes[name]),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
@@ -131,8 +148,7 @@ class HFWeights:
         elif (self.dir / BIN_FILE).is_file():
             self.kind, self.file_of = "bin", {name: BIN_FILE for name in self._bin_file(BIN_FILE)}
         else:
-            raise FileNotFoundError(f"{self.dir} holds no {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or "
-                                    f"{BIN_INDEX_FILE}")
+            raise FileNotFoundError(f"{self.dir} holds no {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or {BIN_INDEX_FILE}")
 
     def _index(self, name: str) -> dict[str, str]:
         return dict(json.loads((self.dir / name).read_text())["weight_map"])

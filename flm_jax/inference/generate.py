@@ -19,8 +19,7 @@ from flm_jax.model import TeleFLM
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy"))
-def _decode(params, prompt_bp, rng, temperature, eos_id, *, config: TeleFLMConfig, max_new_tokens: int,
-            greedy: bool):
+def _decode(params, prompt_bp, rng, temperature, eos_id, *, config: TeleFLMConfig, max_new_tokens: int, greedy: bool):
     b, p = prompt_bp.shape
     total = p + max_new_tokens
     model = TeleFLM(config)
@@ -47,15 +46,29 @@ def _decode(params, prompt_bp, rng, temperature, eos_id, *, config: TeleFLMConfi
     return jax.lax.while_loop(unfinished, step, carry)[1][:, p:]
 
 
-def generate(params, config: TeleFLMConfig, prompt_bp: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
-             seed: int = 0, eos_id: int | None = None) -> np.ndarray:
+def generate(
+    params,
+    config: TeleFLMConfig,
+    prompt_bp: np.ndarray,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> np.ndarray:
     """New token ids [b, max_new_tokens] for equal-length prompts [b, p]; after eos_id a row holds pad ids."""
     prompt_bp = np.asarray(prompt_bp, np.int32)
     if prompt_bp.ndim != 2 or prompt_bp.shape[1] == 0:
         raise ConfigError(f"prompts must be a non-empty [batch, length] array, got shape {prompt_bp.shape}")
     if temperature < 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    out = _decode(params, jnp.asarray(prompt_bp), jax.random.key(seed), jnp.float32(max(temperature, 1e-6)),
-                  jnp.int32(-1 if eos_id is None else eos_id), config=config, max_new_tokens=max_new_tokens,
-                  greedy=temperature == 0)
+    out = _decode(
+        params,
+        jnp.asarray(prompt_bp),
+        jax.random.key(seed),
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.int32(-1 if eos_id is None else eos_id),
+        config=config,
+        max_new_tokens=max_new_tokens,
+        greedy=temperature == 0,
+    )
     return np.asarray(out)

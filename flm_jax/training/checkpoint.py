@@ -75,15 +75,21 @@ def make_metadata(config: TeleFLMConfig, **extra: Any) -> dict[str, Any]:
 class Checkpointer:
     """A CheckpointManager for train states; saves are asynchronous unless async_save=False."""
 
-    def __init__(self, workdir: str | Path, save_interval_steps: int = 1, max_to_keep: int | None = 3,
-                 async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
-                                               create=True, enable_async_checkpointing=async_save,
-                                               cleanup_tmp_directories=True,
-                                               # wait for an in-flight save instead of silently skipping a step
-                                               enable_should_save_is_saving_in_progress_check=False)
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                                             item_names=("state", "data", "metadata"))
+    def __init__(
+        self, workdir: str | Path, save_interval_steps: int = 1, max_to_keep: int | None = 3, async_save: bool = True
+    ):
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            max_to_keep=max_to_keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            # wait for an in-flight save instead of silently skipping a step
+            enable_should_save_is_saving_in_progress_check=False,
+        )
+        self.manager = ocp.CheckpointManager(
+            checkpoint_dir(workdir), options=options, item_names=("state", "data", "metadata")
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -92,14 +98,18 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, metadata: dict, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state, save_args=layer_chunked_save_args(state)),
-                                  data=ocp.args.JsonSave(data_state), metadata=ocp.args.JsonSave(metadata))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state, save_args=layer_chunked_save_args(state)),
+            data=ocp.args.JsonSave(data_state),
+            metadata=ocp.args.JsonSave(metadata),
+        )
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restore onto the shardings held by `abstract_state` (ShapeDtypeStructs), whatever mesh saved it."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-                                  metadata=ocp.args.JsonRestore())
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), metadata=ocp.args.JsonRestore()
+        )
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.data, restored.metadata
 

@@ -60,8 +60,9 @@ class CheckpointReader:
         self.config = TeleFLMConfig.from_dict(self.metadata["model_config"])
         self.state_dir = root / str(self.step) / "state"
         if not self.state_dir.is_dir():
-            raise FileNotFoundError(f"{self.state_dir} not found (orbax step folder names are expected to be "
-                                    "the plain step number).")
+            raise FileNotFoundError(
+                f"{self.state_dir} not found (orbax step folder names are expected to be the plain step number)."
+            )
         # No cache: a read returns fresh memory and nothing lingers after it is dropped.
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._arrays: dict[TreePath, ts.TensorStore] = {}
@@ -69,8 +70,14 @@ class CheckpointReader:
     def array(self, path: TreePath) -> ts.TensorStore:
         """The lazily opened tensorstore of params/<path>."""
         if path not in self._arrays:
-            spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{self.state_dir}/",
-                                                  "path": ".".join(("params",) + path) + "/"}}
+            spec = {
+                "driver": "zarr",
+                "kvstore": {
+                    "driver": "ocdbt",
+                    "base": f"file://{self.state_dir}/",
+                    "path": ".".join(("params",) + path) + "/",
+                },
+            }
             try:
                 self._arrays[path] = ts.open(spec, open=True, read=True, context=self._context).result()
             except ValueError as e:
@@ -90,8 +97,8 @@ class CheckpointReader:
     def read_layer(self, path: TreePath, layer: int) -> np.ndarray:
         return self.array(path)[layer].read().result()
 
+
 def read_params(source: ParamSource) -> dict:
     """The whole parameter tree as nested dicts of numpy arrays (small models: generate, tests)."""
     abstract = nn.meta.unbox(boxed_abstract_params(source.config))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: source.read(tuple(str(k.key) for k in path)), abstract)
+    return jax.tree_util.tree_map_with_path(lambda path, _: source.read(tuple(str(k.key) for k in path)), abstract)

@@ -33,7 +33,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.batch_size % self.num_microbatches:
-            raise ConfigError(f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
-                              f"{self.num_microbatches}.")
+            raise ConfigError(
+                f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
+                f"{self.num_microbatches}."
+            )
         if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("TrainConfig.steps, log_every and checkpoint_every must be >= 1.")

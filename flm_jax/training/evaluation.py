@@ -17,8 +17,16 @@ from flm_jax.training.step import make_eval_step
 class Evaluator:
     """Validation loss and bits per byte for each eval task, over every validation document."""
 
-    def __init__(self, tasks: Sequence[str], batch_size: int, seq_len: int, config: TeleFLMConfig,
-                 layout: MeshLayout, mesh, params_shardings: Any):
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        batch_size: int,
+        seq_len: int,
+        config: TeleFLMConfig,
+        layout: MeshLayout,
+        mesh,
+        params_shardings: Any,
+    ):
         self.sets = {task: data.validation_set(task, batch_size, seq_len) for task in tasks}
         self.sharding = batch_sharding(mesh, layout)
         self.config, self.layout, self.mesh, self.params_shardings = config, layout, mesh, params_shardings
@@ -26,8 +34,10 @@ class Evaluator:
 
     def use_ramp(self, ramp: MSGRamp | None) -> None:
         """(Re)compile the eval step for an MSG ramp in progress, or for the plain model."""
-        self.step = jax.jit(make_eval_step(self.config, self.layout, ramp),
-                            in_shardings=(self.params_shardings, self.sharding, replicated(self.mesh)))
+        self.step = jax.jit(
+            make_eval_step(self.config, self.layout, ramp),
+            in_shardings=(self.params_shardings, self.sharding, replicated(self.mesh)),
+        )
 
     def __call__(self, params, step: int) -> dict[str, float]:
         results, total_nll, total_tokens, total_bytes = {}, 0.0, 0.0, 0

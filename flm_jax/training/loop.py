@@ -40,16 +40,25 @@ def resolve_model_config(requested: TeleFLMConfig, metadata: dict | None) -> Tel
     differs = {k: (saved[k], wanted[k]) for k in saved if k not in RUNTIME_FIELDS and saved[k] != wanted[k]}
     if differs:
         raise ConfigError(
-            "The checkpoint in this workdir has another model shape than the config: " +
-            ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differs.items()) +
-            ". Use a new --workdir, or omit --gin_file to continue with the workdir's own config.gin "
-            "(a grown checkpoint: `python -m flm_jax.grow` wrote it).")
+            "The checkpoint in this workdir has another model shape than the config: "
+            + ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in differs.items())
+            + ". Use a new --workdir, or omit --gin_file to continue with the workdir's own config.gin "
+            "(a grown checkpoint: `python -m flm_jax.grow` wrote it)."
+        )
     return requested
 
 
-def train(workdir: str | Path, *, model_cfg: TeleFLMConfig, layout: MeshLayout, optimizer_cfg: OptimizerConfig,
-          train_cfg: TrainConfig, peak_flops: float | None = None, until_step: int | None = None,
-          config_gin: str | None = None) -> dict[str, Any]:
+def train(
+    workdir: str | Path,
+    *,
+    model_cfg: TeleFLMConfig,
+    layout: MeshLayout,
+    optimizer_cfg: OptimizerConfig,
+    train_cfg: TrainConfig,
+    peak_flops: float | None = None,
+    until_step: int | None = None,
+    config_gin: str | None = None,
+) -> dict[str, Any]:
     """Train (or resume) in workdir up to train_cfg.steps, or stop early after `until_step` with a checkpoint
     (time-limited jobs; the next call continues). `peak_flops` is one device's peak FLOP/s for MFU (default: the
     flm_jax.hardware table). `config_gin`, the run's gin config, becomes WORKDIR/config.gin once the workdir's
@@ -60,19 +69,24 @@ def train(workdir: str | Path, *, model_cfg: TeleFLMConfig, layout: MeshLayout, 
     mesh = make_mesh(layout)
     split = batch_split(mesh, layout)
     if train_cfg.batch_size % (split * train_cfg.num_microbatches):
-        raise ConfigError(f"TrainConfig.batch_size={train_cfg.batch_size} must be a multiple of the mesh's batch "
-                          f"split ({split}) x num_microbatches ({train_cfg.num_microbatches}).")
+        raise ConfigError(
+            f"TrainConfig.batch_size={train_cfg.batch_size} must be a multiple of the mesh's batch "
+            f"split ({split}) x num_microbatches ({train_cfg.num_microbatches})."
+        )
 
     ckpt = Checkpointer(workdir, train_cfg.checkpoint_every, train_cfg.max_to_keep, train_cfg.async_checkpointing)
     latest = ckpt.latest_step()
     saved_meta = ckpt.metadata(latest) if latest is not None else {}
     model_cfg = resolve_model_config(model_cfg, saved_meta or None)
     if train_cfg.seq_len > model_cfg.max_position_embeddings:
-        raise ConfigError(f"TrainConfig.seq_len={train_cfg.seq_len} exceeds TeleFLMConfig.max_position_embeddings="
-                          f"{model_cfg.max_position_embeddings}.")
+        raise ConfigError(
+            f"TrainConfig.seq_len={train_cfg.seq_len} exceeds TeleFLMConfig.max_position_embeddings="
+            f"{model_cfg.max_position_embeddings}."
+        )
     # After a growth, this stage's learning-rate schedule starts at the step the checkpoint was grown at.
-    spec = StateSpec.build(model_cfg, optimizer_cfg, mesh, layout, train_cfg.steps,
-                           saved_meta.get("stage_start_step", 0))
+    spec = StateSpec.build(
+        model_cfg, optimizer_cfg, mesh, layout, train_cfg.steps, saved_meta.get("stage_start_step", 0)
+    )
     if config_gin is not None and jax.process_index() == 0:
         (workdir / CONFIG_GIN).write_text(config_gin)
     if latest is not None:
@@ -83,8 +97,9 @@ def train(workdir: str | Path, *, model_cfg: TeleFLMConfig, layout: MeshLayout, 
         state, data_state = init_state(params, spec.tx, spec.shardings), {}
     batches = resume_batches(train_cfg, data_state, int(state["step"]))
     # What every checkpoint of this run records besides the ramp: provenance such as grown_from or imported_from.
-    base_metadata = {k: v for k, v in saved_meta.items()
-                     if k not in ("format", "model_config", "layer_stack", METADATA_KEY)}
+    base_metadata = {
+        k: v for k, v in saved_meta.items() if k not in ("format", "model_config", "layer_stack", METADATA_KEY)
+    }
     step = int(state["step"])
     stop = min(until_step or train_cfg.steps, train_cfg.steps)
     if step >= stop:
@@ -92,8 +107,17 @@ def train(workdir: str | Path, *, model_cfg: TeleFLMConfig, layout: MeshLayout, 
         ckpt.close()
         return {}
     peak = peak_flops if peak_flops is not None else peak_flops_per_device()
-    loop = TrainLoop(train_cfg, model_cfg, layout, mesh, spec, MSGRamp.from_metadata(saved_meta), workdir, step,
-                     peak * jax.device_count())
+    loop = TrainLoop(
+        train_cfg,
+        model_cfg,
+        layout,
+        mesh,
+        spec,
+        MSGRamp.from_metadata(saved_meta),
+        workdir,
+        step,
+        peak * jax.device_count(),
+    )
     try:
         return loop.run(state, batches, ckpt, stop, base_metadata)
     finally:
@@ -107,25 +131,53 @@ def resume_batches(train_cfg: TrainConfig, data_state: dict, step: int) -> data.
     configured stream; a stream of another mixture, batch size or length (a new stage after growth) is replaced by
     a fresh one seeded with seed + step, so it does not replay the batches already seen."""
     if data_state and (data_state.get("name"), data_state.get("batch_size"), data_state.get("seq_len")) == (
-            train_cfg.mixture, train_cfg.batch_size, train_cfg.seq_len):
+        train_cfg.mixture,
+        train_cfg.batch_size,
+        train_cfg.seq_len,
+    ):
         return data.BatchIterator.from_state(data_state)
     if data_state:
-        print(f"The data stream changed ({data_state.get('name')}, batch {data_state.get('batch_size')} x "
-              f"{data_state.get('seq_len')} -> {train_cfg.mixture}, batch {train_cfg.batch_size} x "
-              f"{train_cfg.seq_len}): starting a fresh stream.", flush=True)
-    return data.BatchIterator(train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len,
-                              train_cfg.seed + step)
+        print(
+            f"The data stream changed ({data_state.get('name')}, batch {data_state.get('batch_size')} x "
+            f"{data_state.get('seq_len')} -> {train_cfg.mixture}, batch {train_cfg.batch_size} x "
+            f"{train_cfg.seq_len}): starting a fresh stream.",
+            flush=True,
+        )
+    return data.BatchIterator(
+        train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed + step
+    )
 
 
 class TrainLoop:
     """The jitted step, evaluation and logging of one run; drops the MSG masks when their ramp ends."""
 
-    def __init__(self, train_cfg: TrainConfig, model_cfg: TeleFLMConfig, layout: MeshLayout, mesh, spec: StateSpec,
-                 ramp: MSGRamp | None, workdir: Path, start_step: int, peak_flops_total: float):
+    def __init__(
+        self,
+        train_cfg: TrainConfig,
+        model_cfg: TeleFLMConfig,
+        layout: MeshLayout,
+        mesh,
+        spec: StateSpec,
+        ramp: MSGRamp | None,
+        workdir: Path,
+        start_step: int,
+        peak_flops_total: float,
+    ):
         self.cfg, self.model_cfg, self.layout, self.mesh, self.spec = train_cfg, model_cfg, layout, mesh, spec
         self.b_sharding = batch_sharding(mesh, layout)
-        self.evaluator = Evaluator(train_cfg.eval_tasks, train_cfg.eval_batch_size, train_cfg.seq_len, model_cfg,
-                                   layout, mesh, spec.shardings["params"]) if train_cfg.eval_tasks else None
+        self.evaluator = (
+            Evaluator(
+                train_cfg.eval_tasks,
+                train_cfg.eval_batch_size,
+                train_cfg.seq_len,
+                model_cfg,
+                layout,
+                mesh,
+                spec.shardings["params"],
+            )
+            if train_cfg.eval_tasks
+            else None
+        )
         self.writer = MetricWriter(workdir, train_cfg.steps, start_step)
         self.tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
         self.flops_per_step = model_cfg.flops_per_token(train_cfg.seq_len) * self.tokens_per_step
@@ -135,10 +187,21 @@ class TrainLoop:
     def use_ramp(self, ramp: MSGRamp | None) -> None:
         """(Re)compile the step for an MSG ramp in progress, or for the plain model."""
         self.ramp = ramp
-        step = make_train_step(self.model_cfg, self.spec.tx, self.spec.schedule, self.layout,
-                               self.cfg.num_microbatches, self.cfg.z_loss, ramp)
-        self.step_fn = jax.jit(step, in_shardings=(self.spec.shardings, self.b_sharding),
-                               out_shardings=(self.spec.shardings, replicated(self.mesh)), donate_argnums=0)
+        step = make_train_step(
+            self.model_cfg,
+            self.spec.tx,
+            self.spec.schedule,
+            self.layout,
+            self.cfg.num_microbatches,
+            self.cfg.z_loss,
+            ramp,
+        )
+        self.step_fn = jax.jit(
+            step,
+            in_shardings=(self.spec.shardings, self.b_sharding),
+            out_shardings=(self.spec.shardings, replicated(self.mesh)),
+            donate_argnums=0,
+        )
         if self.evaluator:
             self.evaluator.use_ramp(ramp)
 
@@ -147,13 +210,17 @@ class TrainLoop:
         ramp = {METADATA_KEY: self.ramp.to_metadata(step)} if self.ramp is not None else {}
         return make_metadata(self.model_cfg, **base, **ramp)
 
-    def run(self, state, batches: data.BatchIterator, ckpt: Checkpointer, stop: int,
-            base_metadata: dict[str, Any]) -> dict[str, Any]:
+    def run(
+        self, state, batches: data.BatchIterator, ckpt: Checkpointer, stop: int, base_metadata: dict[str, Any]
+    ) -> dict[str, Any]:
         cfg = self.cfg
         step = int(state["step"])
         if step == 0:
-            self.writer.progress(0, f"{human_count(self.model_cfg.params_total())} parameters on mesh "
-                                    f"{dict(self.mesh.shape)}, {human_count(self.tokens_per_step)} tokens/step")
+            self.writer.progress(
+                0,
+                f"{human_count(self.model_cfg.params_total())} parameters on mesh "
+                f"{dict(self.mesh.shape)}, {human_count(self.tokens_per_step)} tokens/step",
+            )
         last: dict[str, Any] = {}
         interval_start, interval_steps, first = time.time(), 0, True
         with jax.set_mesh(self.mesh):
@@ -168,11 +235,17 @@ class TrainLoop:
                 if step % cfg.log_every == 0 or step == stop or first:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     step_time = (time.time() - interval_start) / interval_steps
-                    last = {**metrics, "step_time_s": step_time, "tokens_per_sec": self.tokens_per_step / step_time,
-                            "mfu": self.flops_per_step / step_time / self.peak, "batch_crc32": crc,
-                            "data_batches_consumed": batches.batches_consumed}
-                    if self.evaluator and (step == cfg.steps or first or (cfg.eval_every and
-                                                                          step % cfg.eval_every == 0)):
+                    last = {
+                        **metrics,
+                        "step_time_s": step_time,
+                        "tokens_per_sec": self.tokens_per_step / step_time,
+                        "mfu": self.flops_per_step / step_time / self.peak,
+                        "batch_crc32": crc,
+                        "data_batches_consumed": batches.batches_consumed,
+                    }
+                    if self.evaluator and (
+                        step == cfg.steps or first or (cfg.eval_every and step % cfg.eval_every == 0)
+                    ):
                         last.update(self.evaluator(state["params"], step))
                     self.log(step, last)
                     interval_start, interval_steps, first = time.time(), 0, False
@@ -184,6 +257,9 @@ class TrainLoop:
         self.writer.write(step, record)
         val = f" val_loss {record['val_loss']:.4f} val_bpb {record['val_bpb']:.4f}" if "val_loss" in record else ""
         mask = f" mask {record['growth_mask']:.2f}" if "growth_mask" in record else ""
-        self.writer.progress(step, f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm "
-                                   f"{record['grad_norm']:.3f} {record['tokens_per_sec']:.0f} tok/s "
-                                   f"mfu {record['mfu']:.1%}{mask}{val}")
+        self.writer.progress(
+            step,
+            f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm "
+            f"{record['grad_norm']:.3f} {record['tokens_per_sec']:.0f} tok/s "
+            f"mfu {record['mfu']:.1%}{mask}{val}",
+        )

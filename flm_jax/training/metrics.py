@@ -44,8 +44,7 @@ class MetricWriter:
         elapsed = time.time() - self.started
         done = (step - self.start_step) / max(self.total_steps - self.start_step, 1)
         eta = elapsed / done * (1 - done) if done > 0 else float("nan")
-        print(f"[{step:>6}/{self.total_steps}] {text} | elapsed {_duration(elapsed)} eta {_duration(eta)}",
-              flush=True)
+        print(f"[{step:>6}/{self.total_steps}] {text} | elapsed {_duration(elapsed)} eta {_duration(eta)}", flush=True)
 
     def close(self) -> None:
         if self._tb is not None:

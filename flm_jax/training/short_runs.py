@@ -30,18 +30,31 @@ def width_config(base: TeleFLMConfig, width: int, base_width: int, head_dim: int
         raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
     ffn = int(round(base.intermediate_size / base.hidden_size * width / 8)) * 8
     heads = width // head_dim
-    return base.replace(hidden_size=width, intermediate_size=ffn, num_attention_heads=heads,
-                        num_key_value_heads=heads, use_mup=mup,
-                        mup_scale_factor=width / base_width if mup else 1.0)
+    return base.replace(
+        hidden_size=width,
+        intermediate_size=ffn,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        use_mup=mup,
+        mup_scale_factor=width / base_width if mup else 1.0,
+    )
 
 
-def proxy_config(width: int, base_width: int, num_layers: int, head_dim: int, seq_len: int,
-                 mup: bool = True) -> TeleFLMConfig:
+def proxy_config(
+    width: int, base_width: int, num_layers: int, head_dim: int, seq_len: int, mup: bool = True
+) -> TeleFLMConfig:
     """A proxy on the embedded corpus's 2048-token vocabulary: FFN 11/4 of the width (Tele-FLM's ~2.7), output_mult
     1, width_mult = width / base_width under μP."""
-    base = TeleFLMConfig(vocab_size=data.VOCAB_SIZE, hidden_size=base_width, intermediate_size=base_width * 11 // 4,
-                         num_hidden_layers=num_layers, num_attention_heads=base_width // head_dim,
-                         max_position_embeddings=seq_len, output_mult=1.0, remat_policy="none")
+    base = TeleFLMConfig(
+        vocab_size=data.VOCAB_SIZE,
+        hidden_size=base_width,
+        intermediate_size=base_width * 11 // 4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=base_width // head_dim,
+        max_position_embeddings=seq_len,
+        output_mult=1.0,
+        remat_policy="none",
+    )
     return width_config(base, width, base_width, head_dim, mup)
 
 
@@ -61,13 +74,20 @@ class RunResult:
 def activation_rms(config: TeleFLMConfig, params: Any, batch: dict) -> dict[str, list[float]]:
     """RMS of the embedding output, each layer's attention / MLP output and residual stream, and the logits."""
     _, state = TeleFLM(config, record_internals=True).apply(
-        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], mutable=["intermediates"])
+        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], mutable=["intermediates"]
+    )
     flat = jax.tree_util.tree_leaves_with_path(state["intermediates"])
     return {jax.tree_util.keystr(p[-2:-1], simple=True): np.atleast_1d(np.asarray(v)).tolist() for p, v in flat}
 
 
-def run(config: TeleFLMConfig, optimizer: OptimizerConfig, train_batches: Sequence[dict],
-        eval_batches: Sequence[dict] = (), seed: int = 0, probe: dict | None = None) -> RunResult:
+def run(
+    config: TeleFLMConfig,
+    optimizer: OptimizerConfig,
+    train_batches: Sequence[dict],
+    eval_batches: Sequence[dict] = (),
+    seed: int = 0,
+    probe: dict | None = None,
+) -> RunResult:
     """Train on `train_batches` (one step each), then report the mean eval NLL (inf if it diverged) and, with a
     probe batch, the activation RMS per layer."""
     start = time.time()
@@ -89,4 +109,3 @@ def run(config: TeleFLMConfig, optimizer: OptimizerConfig, train_batches: Sequen
         eval_loss = eval_loss if math.isfinite(eval_loss) else float("inf")
     rms = activation_rms(config, state["params"], probe) if probe is not None else None
     return RunResult(losses, eval_loss, time.time() - start, rms)
-

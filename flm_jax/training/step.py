@@ -17,18 +17,31 @@ from flm_jax.partitioning import MeshLayout
 from flm_jax.training.state import TrainState
 
 
-def lm_loss(params: Any, batch: dict[str, jax.Array], config: TeleFLMConfig, z_loss: float = 0.0,
-            normaliser: jax.Array | None = None,
-            masks: GrowthMasks | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def lm_loss(
+    params: Any,
+    batch: dict[str, jax.Array],
+    config: TeleFLMConfig,
+    z_loss: float = 0.0,
+    normaliser: jax.Array | None = None,
+    masks: GrowthMasks | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Loss (token mean unless a normaliser is given) and the summed NLL / token count. `batch` holds [batch,
     length] arrays inputs, targets, segment_ids, positions and loss_weights (flm_jax/data packs them)."""
-    logits_btv = TeleFLM(config).apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-                                       masks)
+    logits_btv = TeleFLM(config).apply(
+        {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], masks
+    )
     return cross_entropy(logits_btv, batch["targets"], batch["loss_weights"], z_loss, normaliser)
 
 
-def make_train_step(config: TeleFLMConfig, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    layout: MeshLayout, num_microbatches: int = 1, z_loss: float = 0.0, ramp: MSGRamp | None = None):
+def make_train_step(
+    config: TeleFLMConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    layout: MeshLayout,
+    num_microbatches: int = 1,
+    z_loss: float = 0.0,
+    ramp: MSGRamp | None = None,
+):
     """state, batch -> state, metrics. With microbatches, gradients are summed over equal slices of the batch,
     each normalised by the whole batch's token count, so the update equals the full-batch one. `ramp` (a grown
     checkpoint's MSG ramp) masks new structure with the ramp value of the traced step."""
@@ -42,7 +55,8 @@ def make_train_step(config: TeleFLMConfig, tx: optax.GradientTransformation, sch
             (loss, nll_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
             return loss, nll_sum, grads
         micro = jax.tree_util.tree_map(
-            lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]), batch)
+            lambda x: x.reshape((num_microbatches, x.shape[0] // num_microbatches) + x.shape[1:]), batch
+        )
 
         def accumulate(carry, mb):
             (loss, nll_sum), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
@@ -58,8 +72,13 @@ def make_train_step(config: TeleFLMConfig, tx: optax.GradientTransformation, sch
             loss, nll_sum, grads = grads_of(state["params"], batch, num_tokens, masks)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "nll": nll_sum / num_tokens, "grad_norm": optax.global_norm(grads),
-                   "lr": schedule(state["step"]), "num_tokens": num_tokens}
+        metrics = {
+            "loss": loss,
+            "nll": nll_sum / num_tokens,
+            "grad_norm": optax.global_norm(grads),
+            "lr": schedule(state["step"]),
+            "num_tokens": num_tokens,
+        }
         if ramp is not None:
             metrics["growth_mask"] = ramp.value(state["step"])
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
