@@ -313,6 +313,9 @@ def test_rms_norm_scale_is_folded_into_the_norm_gains(run, tmp_path):
 def test_command_lines_import_plain_llama_and_generate(run, llama_dir, tmp_path, capsys):
     import_mod.main([f"--hf_dir={llama_dir}", f"--workdir={tmp_path}", "--use_mup=false"])
     assert "use_mup=False" in capsys.readouterr().out
+    # config.gin holds the imported model (train continues from it with no --gin_file).
+    config_gin = (tmp_path / "config.gin").read_text()
+    assert "TeleFLMConfig.num_key_value_heads = 2" in config_gin and "TeleFLMConfig.use_mup = False" in config_gin
     reader = CheckpointReader(tmp_path)
     assert reader.step == 0 and not reader.config.use_mup
     # The plain model holds the folded weights and computes the same function as the μP original.
