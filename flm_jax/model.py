@@ -46,6 +46,20 @@ class GrowthMasks(NamedTuple):
     layers: Array  # [num_layers]
 
 
+class KVCache(NamedTuple):
+    """Every layer's keys and values for incremental decoding, and how many positions of each row are filled (the
+    position of that row's next token). Rows may hold prompts of different lengths."""
+
+    keys: Array  # [layers, b, s, k, e]
+    values: Array  # [layers, b, s, k, e]
+    lengths: Array  # [b] int32
+
+
+def write_rows(cache_bske: Array, new_btke: Array, start_b: Array) -> Array:
+    """cache with each row's new entries written at that row's own start position."""
+    return jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))(cache_bske, new_btke, start_b)
+
+
 class RMSNorm(nn.Module):
     config: TeleFLMConfig
 
@@ -97,8 +111,18 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array, heads_mask_h: Array | None = None
-    ) -> Array:
+        self,
+        x_btd: Array,
+        mask: Array,
+        cos_bte: Array,
+        sin_bte: Array,
+        heads_mask_h: Array | None = None,
+        cache: tuple[Array, Array] | None = None,
+        cache_lengths_b: Array | None = None,
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """-> (output, (keys, values)). With a cache (one layer's keys and values [b, s, k, e]), this call's keys and
+        values are written at each row's cache length and the queries attend over the whole cache (mask says which
+        positions count); the returned keys and values are then the updated cache."""
         cfg = self.config
         d, h, k, e = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_w = _param(self, "q_proj", ("embed", "heads", "head_dim"), (d, h, e))
@@ -115,6 +139,10 @@ class Attention(nn.Module):
         v_bske = nn.with_logical_constraint(v_bske, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         q_bthe = apply_rope(q_bthe, cos_bte, sin_bte)
         k_bske = apply_rope(k_bske, cos_bte, sin_bte)
+        if cache is not None:
+            cache_axes = ("act_batch", "act_length", "act_kv_heads", "act_head_dim")  # heads on the tensor axis
+            k_bske = nn.with_logical_constraint(write_rows(cache[0], k_bske, cache_lengths_b), cache_axes)
+            v_bske = nn.with_logical_constraint(write_rows(cache[1], v_bske, cache_lengths_b), cache_axes)
 
         b, t = x_btd.shape[:2]
         q_btkge = q_bthe.reshape(b, t, k, h // k, e)
@@ -127,7 +155,7 @@ class Attention(nn.Module):
         if heads_mask_h is not None:
             out_bthe = out_bthe * heads_mask_h[:, None].astype(dt)
         out_bthe = nn.with_logical_constraint(out_bthe, ("act_batch", "act_length", "act_heads", "act_head_dim"))
-        return jnp.einsum("bthe,hed->btd", out_bthe, o_w.astype(dt))
+        return jnp.einsum("bthe,hed->btd", out_bthe, o_w.astype(dt)), (k_bske, v_bske)
 
 
 class SwiGLU(nn.Module):
@@ -151,14 +179,24 @@ class SwiGLU(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One pre-norm block; scanned, so it maps (carry, *broadcast) -> (carry, None)."""
+    """One pre-norm block; scanned, so it maps (carry, *broadcast, *per-layer) -> (carry, per-layer output): the
+    layer's keys and values when decoding (return_kv, or a cache given), else None."""
 
     config: TeleFLMConfig
     record_internals: bool = False
+    return_kv: bool = False
 
     @nn.compact
     def __call__(
-        self, x_btd: Array, mask: Array, cos_bte: Array, sin_bte: Array, masks: GrowthMasks | None, layer_gate: Array
+        self,
+        x_btd: Array,
+        mask: Array,
+        cos_bte: Array,
+        sin_bte: Array,
+        masks: GrowthMasks | None,
+        cache_lengths_b: Array | None,
+        layer_gate: Array,
+        cache: tuple[Array, Array] | None,
     ):
         """layer_gate (a scalar, this layer's slice of masks.layers) blends a new layer in as x + m·f(x)."""
         residual_axes = ("act_batch", "act_length", "act_embed")
@@ -166,7 +204,9 @@ class DecoderLayer(nn.Module):
         x_btd = nn.with_logical_constraint(x_btd, residual_axes)
         x_in = x_btd
         attn_in = RMSNorm(self.config, name="input_layernorm")(x_btd, hidden)
-        attn_out = Attention(self.config, name="self_attn")(attn_in, mask, cos_bte, sin_bte, heads)
+        attn_out, kv = Attention(self.config, name="self_attn")(
+            attn_in, mask, cos_bte, sin_bte, heads, cache, cache_lengths_b
+        )
         if masks is not None:
             attn_out = attn_out * (hidden * layer_gate).astype(attn_out.dtype)
         x_btd = x_btd + attn_out
@@ -182,7 +222,8 @@ class DecoderLayer(nn.Module):
             a, b = x_in.astype(jnp.float32), x_btd.astype(jnp.float32)
             cos = jnp.sum(a * b, -1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-9)
             self.sow("intermediates", "cos_distance", jnp.mean(1.0 - cos))
-        return nn.with_logical_constraint(x_btd, residual_axes), None
+        kv_out = kv if self.return_kv or cache is not None else None
+        return nn.with_logical_constraint(x_btd, residual_axes), kv_out
 
 
 def _sow_rms(module: nn.Module, name: str, x: Array) -> None:
@@ -205,6 +246,10 @@ class TeleFLM(nn.Module):
     record_internals=True sows per-layer statistics into the 'intermediates' collection (RMS of the embedding,
     each layer's attention / MLP output and residual stream, and the logits; each layer's 1 - cos(h_in, h_out)).
     Only μP coordinate checks and growth calibration ask for them; training never computes them.
+
+    Decoding (flm_jax/inference/generate.py): `return_kv=True` also returns this call's keys and values of every
+    layer [layers, b, t, k, e] (a prefill); a `kv_cache` continues from it: `tokens_bt` are each row's next tokens,
+    placed at the row's cache length, and the call returns (logits, the updated KVCache).
     """
 
     config: TeleFLMConfig
@@ -217,12 +262,20 @@ class TeleFLM(nn.Module):
         segment_ids_bt: Array | None = None,
         positions_bt: Array | None = None,
         masks: GrowthMasks | None = None,
+        kv_cache: KVCache | None = None,
+        return_kv: bool = False,
     ):
         cfg = self.config
-        if segment_ids_bt is None:
-            segment_ids_bt = jnp.ones_like(tokens_bt)
-        if positions_bt is None:
-            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        if kv_cache is not None:  # positions continue each row; keys count up to the query's own position
+            positions_bt = kv_cache.lengths[:, None] + jnp.arange(tokens_bt.shape[1])[None]
+            cache_size = kv_cache.keys.shape[2]
+            mask = (jnp.arange(cache_size)[None, None, :] <= positions_bt[:, :, None])[:, None, None]
+        else:
+            if segment_ids_bt is None:
+                segment_ids_bt = jnp.ones_like(tokens_bt)
+            if positions_bt is None:
+                positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+            mask = attention_mask(segment_ids_bt)
 
         embedding_vd = _param(self, "embed_tokens", ("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size))
         x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(cfg.dtype) * cfg.embedding_scale
@@ -232,18 +285,21 @@ class TeleFLM(nn.Module):
         if self.record_internals:
             _sow_rms(self, "embedding", x_btd)
 
-        mask = attention_mask(segment_ids_bt)
         cos_bte, sin_bte = rope_cos_sin(positions_bt, cfg.head_dim, cfg.rope_theta, stats_dtype(cfg))
         layers = nn.scan(
             remat_layer(cfg.remat_policy),
             variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast,) * 5 + (0, 0),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         gates = jnp.ones(cfg.num_hidden_layers, jnp.float32) if masks is None else masks.layers
-        x_btd, _ = layers(cfg, self.record_internals, name="layers")(x_btd, mask, cos_bte, sin_bte, masks, gates)
+        cache = None if kv_cache is None else (kv_cache.keys, kv_cache.values)
+        lengths = None if kv_cache is None else kv_cache.lengths
+        x_btd, kv = layers(cfg, self.record_internals, return_kv, name="layers")(
+            x_btd, mask, cos_bte, sin_bte, masks, lengths, gates, cache
+        )
 
         x_btd = RMSNorm(cfg, name="norm")(x_btd, None if masks is None else masks.hidden)
         head_dv = _param(self, "lm_head", ("embed", "vocab"), (cfg.hidden_size, cfg.vocab_size))
@@ -251,7 +307,10 @@ class TeleFLM(nn.Module):
         logits_btv = logits_btv * cfg.logits_scale
         if self.record_internals:
             _sow_rms(self, "logits", logits_btv)
-        return nn.with_logical_constraint(logits_btv, ("act_batch", "act_length", "act_vocab"))
+        logits_btv = nn.with_logical_constraint(logits_btv, ("act_batch", "act_length", "act_vocab"))
+        if kv_cache is not None:
+            return logits_btv, KVCache(kv[0], kv[1], kv_cache.lengths + tokens_bt.shape[1])
+        return (logits_btv, kv) if return_kv else logits_btv
 
 
 def init_inputs(seq_len: int = 8) -> Array:

@@ -145,7 +145,7 @@ def test_greedy_generation_identical_in_transformers(run, llama_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(str(llama_dir), local_files_only=True)
     prompt = tokenizer("In the beginning God created")["input_ids"]
-    ours = generate(run.params, CONFIG, np.asarray([prompt]), 20, eos_id=CONFIG.eos_token_id)[0].tolist()
+    ours = generate(run.params, CONFIG, [prompt], 20, eos_id=CONFIG.eos_token_id, kv_cache=True)[0].tolist()
     with torch.no_grad():
         theirs = hf_model(llama_dir).generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)
     theirs = theirs[0, len(prompt) :].tolist()
@@ -324,6 +324,22 @@ def test_command_lines_import_plain_llama_and_generate(run, llama_dir, tmp_path,
         [f"--workdir={run.workdir}", "--prompt=In the beginning", "--max_new_tokens=8", "--temperature=0.8"]
     )
     assert capsys.readouterr().out.startswith("In the beginning")
+    # --json, two prompts in one batch, KV cache against the full-recompute reference.
+    outputs = []
+    for kv_cache in ("true", "false"):
+        generate_mod.main(
+            [
+                f"--workdir={run.workdir}",
+                "--prompt=In the beginning",
+                "--prompt=def f(x):",
+                "--max_new_tokens=6",
+                "--json",
+                f"--kv_cache={kv_cache}",
+            ]
+        )
+        outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
+    assert outputs[0] == outputs[1] and [r["prompt"] for r in outputs[0]] == ["In the beginning", "def f(x):"]
+    assert all(0 < len(r["new_token_ids"]) <= 6 and isinstance(r["text"], str) for r in outputs[0])
 
 
 def test_grown_checkpoint_at_mask_0_exports_to_the_sources_logits(run, llama_dir, tmp_path):
