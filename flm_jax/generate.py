@@ -16,11 +16,10 @@ import sys
 import sentencepiece as spm
 
 from flm_jax import cli
-from flm_jax.growth.fold import plain_source
 from flm_jax.hf.tokenizer import default_tokenizer_path
 from flm_jax.inference.generate import generate
+from flm_jax.inference.loading import load_model
 from flm_jax.partitioning import MeshLayout
-from flm_jax.training.checkpoint_reader import CheckpointReader, read_params
 
 
 def _bool(text: str) -> bool:
@@ -44,8 +43,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: flm_jax's tokenizer)")
     args = cli.parse(p, argv, reads_data=False)
     layout = cli.configured(MeshLayout)  # one device unless a mesh gin file says otherwise
-    source = plain_source(CheckpointReader(args.workdir, args.step))
-    config = source.config
+    config, params = load_model(workdir=args.workdir, step=args.step)
     sp = spm.SentencePieceProcessor(model_file=str(args.tokenizer or default_tokenizer_path()))
     prompts = [[config.bos_token_id] + sp.encode(text) for text in args.prompt]
     longest = max(map(len, prompts)) + args.max_new_tokens
@@ -55,7 +53,7 @@ def main(argv=None) -> None:
             file=sys.stderr,
         )
     new = generate(
-        read_params(source),
+        params,
         config,
         prompts,
         args.max_new_tokens,

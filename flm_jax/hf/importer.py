@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -127,6 +127,44 @@ def read_params(weights: HFWeights, expected, config: TeleFLMConfig, fmt: str, t
     return tree
 
 
+class HFModel(NamedTuple):
+    """A Hugging Face folder read into flm_jax's layout."""
+
+    config: TeleFLMConfig
+    params: dict  # nested dicts of numpy arrays (stacked layers), multipliers unfolded, in param_dtype
+    format: str  # LLAMA or TELEFLM
+    weights_kind: str  # "safetensors" or "bin"
+
+
+def read_hf(
+    hf_dir: str | Path,
+    runtime: dict[str, Any] | None = None,
+    use_mup: bool | None = None,
+    input_mult: float | None = None,
+    output_mult: float | None = None,
+    mup_scale_factor: float | None = None,
+) -> HFModel:
+    """The folder's model config and parameters. `runtime` sets TeleFLMConfig's runtime fields (dtype,
+    param_dtype, remat_policy); the rest comes from config.json (see the module docstring for the μP fields)."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    fmt = hf_format(hf)
+    overrides = {
+        "use_mup": use_mup,
+        "input_mult": input_mult,
+        "output_mult": output_mult,
+        "mup_scale_factor": mup_scale_factor,
+    }
+    config = config_from_hf(hf, resolve_mup(hf, fmt, overrides), runtime or {})
+    tied = bool(hf.get("tie_word_embeddings", False))
+    weights = HFWeights(hf_dir)
+    expected = expected_tensors(config)
+    check_tensors(weights, expected, tied)
+    return HFModel(config, read_params(weights, expected, config, fmt, tied), fmt, weights.kind)
+
+
 def import_hf(
     hf_dir: str | Path,
     workdir: str | Path,
@@ -137,44 +175,24 @@ def import_hf(
     output_mult: float | None = None,
     mup_scale_factor: float | None = None,
 ) -> TeleFLMConfig:
-    """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir; returns the model config.
-    `runtime` sets TeleFLMConfig's runtime fields (dtype, param_dtype, remat_policy); the rest comes from the
-    folder's config.json (see the module docstring for the μP fields)."""
+    """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir (read_hf's arguments); returns
+    the model config."""
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     if checkpoint_dir(workdir).is_dir() and any(checkpoint_dir(workdir).iterdir()):
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir.")
-    hf = json.loads((hf_dir / "config.json").read_text())
-    fmt = hf_format(hf)
-    mup = resolve_mup(
-        hf,
-        fmt,
-        {
-            "use_mup": use_mup,
-            "input_mult": input_mult,
-            "output_mult": output_mult,
-            "mup_scale_factor": mup_scale_factor,
-        },
-    )
-    config = config_from_hf(hf, mup, runtime or {})
-    tied = bool(hf.get("tie_word_embeddings", False))
-    weights = HFWeights(hf_dir)
-    expected = expected_tensors(config)
-    check_tensors(weights, expected, tied)
-    params_np = read_params(weights, expected, config, fmt, tied)
-
+    model = read_hf(hf_dir, runtime, use_mup, input_mult, output_mult, mup_scale_factor)
+    config, fmt, kind = model.config, model.format, model.weights_kind
     mesh = make_mesh(layout)
     # Only the state's structure matters (a fresh optimizer state); the next run builds its own optimizer.
     spec = StateSpec.build(config, OptimizerConfig(), mesh, layout, total_steps=1)
     params = jax.tree_util.tree_map(
         lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]),
-        params_np,
+        model.params,
         spec.shardings["params"],
     )
-    del params_np
+    del model
     state = init_state(params, spec.tx, spec.shardings)
-    metadata = make_metadata(
-        config, imported_from={"hf_dir": str(hf_dir.resolve()), "format": fmt, "weights": weights.kind}
-    )
+    metadata = make_metadata(config, imported_from={"hf_dir": str(hf_dir.resolve()), "format": fmt, "weights": kind})
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(0, state, {}, metadata, force=True)
     ckpt.wait()
