@@ -22,6 +22,9 @@ class TrainConfig:
     num_microbatches: int = 1  # gradient accumulation inside one step
     mixture: str = "flm_default"  # a seqio task or mixture; flm_default is the embedded corpus (docs/data.md)
     seed: int = 0  # parameter init and data order
+    # Start from the parameters of another workdir's latest checkpoint (fine-tuning) with a fresh optimizer and this
+    # run's schedule; None: random initialisation. See flm_jax/training/init_from.py.
+    init_from: str | None = None
     z_loss: float = 0.0
     log_every: int = 10
     eval_every: int = 0  # evaluate every N steps; always at the first step of a run (the starting point) and the end

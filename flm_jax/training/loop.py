@@ -26,6 +26,7 @@ from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer, make_metadata
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.evaluation import Evaluator
 from flm_jax.training.failpoints import maybe_crash
+from flm_jax.training.init_from import INHERITED_FIELDS, source_params
 from flm_jax.training.metrics import MetricWriter
 from flm_jax.training.state import StateSpec, init_state
 from flm_jax.training.step import make_train_step
@@ -77,6 +78,11 @@ def train(
     ckpt = Checkpointer(workdir, train_cfg.checkpoint_every, train_cfg.max_to_keep, train_cfg.async_checkpointing)
     latest = ckpt.latest_step()
     saved_meta = ckpt.metadata(latest) if latest is not None else {}
+    provenance, initial = {}, None
+    if train_cfg.init_from and latest is None:
+        model_cfg, initial, provenance = source_params(train_cfg.init_from, model_cfg, mesh, layout, train_cfg.seed)
+    elif train_cfg.init_from:  # a resumed fine-tuning run keeps what it inherited from its source
+        model_cfg = model_cfg.replace(**{k: saved_meta["model_config"][k] for k in INHERITED_FIELDS})
     model_cfg = resolve_model_config(model_cfg, saved_meta or None)
     if train_cfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(
@@ -93,13 +99,15 @@ def train(
         state, data_state, _ = ckpt.restore(latest, spec.abstract)
         print(f"Resumed from {workdir}/checkpoints/{latest}.", flush=True)
     else:
-        params = init_params(model_cfg, mesh, layout, jax.random.key(train_cfg.seed))
+        params = (
+            initial if initial is not None else init_params(model_cfg, mesh, layout, jax.random.key(train_cfg.seed))
+        )
         state, data_state = init_state(params, spec.tx, spec.shardings), {}
     batches = resume_batches(train_cfg, data_state, int(state["step"]))
     # What every checkpoint of this run records besides the ramp: provenance such as grown_from or imported_from.
     base_metadata = {
         k: v for k, v in saved_meta.items() if k not in ("format", "model_config", "layer_stack", METADATA_KEY)
-    }
+    } | provenance
     step = int(state["step"])
     stop = min(until_step or train_cfg.steps, train_cfg.steps)
     if step >= stop:
