@@ -353,3 +353,54 @@ def test_grown_checkpoint_at_mask_0_exports_to_the_sources_logits(run, llama_dir
     np.testing.assert_allclose(
         hf_logits(tmp_path / "hf", run.tokens), hf_logits(llama_dir, run.tokens), atol=1e-4 * np.abs(run.logits).max()
     )
+
+
+def test_evaluate_scores_a_workdir_and_its_hugging_face_export_alike(run, llama_dir, tmp_path, capsys):
+    from flm_jax import data
+    from flm_jax import evaluate as evaluate_mod
+
+    text = tmp_path / "psalm.txt"
+    text.write_text("The LORD is my shepherd; I shall not want.\nÉvangile, 中文 and 🤖 bytes.\n", encoding="utf-8")
+    items = [
+        {"question": "In the beginning God created the", "choices": ["heaven", "zebra", "xylophone"], "answer": 0},
+        {"question": "def f(x):\n    return", "choices": ["x", "Moses said", "LORD"], "answer": "x"},
+        {"question": "And God said, Let there be", "choices": ["light", "import os"], "answer": 0},
+    ]
+    choices = tmp_path / "mc.jsonl"
+    choices.write_text("".join(json.dumps(item) + "\n" for item in items))
+    flags = [f"--text_file={text}", f"--choices_file={choices}", "--batch_size=32", "--seq_len=64"]
+    evaluate_mod.main([f"--workdir={run.workdir}", f"--out={tmp_path / 'a.json'}", *flags])
+    evaluate_mod.main([f"--hf_dir={llama_dir}", f"--out={tmp_path / 'b.json'}", *flags])
+    capsys.readouterr()
+    a, b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    scores = [*a["domains"].values(), a["total"], *a["files"].values()]
+    for score in scores:
+        assert score["bpb"] == pytest.approx(score["loss"] * score["tokens"] / (np.log(2) * score["bytes"]), rel=1e-9)
+    assert sorted(a["domains"]) == ["flm_code", "flm_prose"]
+    assert a["files"][str(text)]["bytes"] == len(text.read_bytes())
+    for domain in ("prose", "code"):
+        texts = [d.text for d in data.load_documents(domain, "validation")]
+        assert a["domains"][f"flm_{domain}"]["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
+    for key in ("domains", "files"):  # the export, imported back, scores the same
+        for name, score in a[key].items():
+            assert abs(score["loss"] - b[key][name]["loss"]) < 1e-4, name
+    # Multiple choice against log-likelihoods summed here from one forward pass per choice.
+    sp = data.load_sentencepiece()
+    right = 0
+    for item in items:
+        totals = []
+        for choice in item["choices"]:
+            context, continuation = [CONFIG.bos_token_id, *sp.encode(item["question"])], sp.encode(" " + choice)
+            tokens = np.asarray([context + continuation])
+            logits = flm_logits(run.params, CONFIG, tokens[:, :-1])[0].astype(np.float64)
+            log_probs = (
+                logits
+                - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+                - logits.max(-1, keepdims=True)
+            )
+            targets = tokens[0, 1:]
+            totals.append(sum(log_probs[i, targets[i]] for i in range(len(context) - 1, len(targets))))
+        answer = item["answer"] if isinstance(item["answer"], int) else item["choices"].index(item["answer"])
+        right += int(np.argmax(totals) == answer)
+    mc = a["multiple_choice"][str(choices)]
+    assert mc["count"] == 3 and mc["accuracy"] == pytest.approx(right / 3)

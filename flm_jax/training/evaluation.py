@@ -1,9 +1,10 @@
-"""Validation loss and bits per byte of a model during training, per eval task and in total."""
+"""Validation loss and bits per byte per eval task and in total: during training (Evaluator) and for the evaluate
+tool (flm_jax/inference/evaluation.py), one implementation."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 
@@ -12,6 +13,34 @@ from flm_jax.config import TeleFLMConfig
 from flm_jax.growth.msg import MSGRamp
 from flm_jax.partitioning import MeshLayout, batch_sharding, global_batch, replicated
 from flm_jax.training.step import make_eval_step
+
+
+class DomainScore(NamedTuple):
+    """Summed token NLL over every validation document of a task, per token and per UTF-8 byte."""
+
+    loss: float  # mean NLL per target token (nats)
+    tokens: float  # target tokens (each document's tokens plus its eos)
+    bytes: int  # UTF-8 bytes of the documents' text
+    bpb: float  # summed NLL / (ln 2 x bytes)
+
+    @classmethod
+    def of(cls, nll: float, tokens: float, num_bytes: int) -> DomainScore:
+        return cls(nll / tokens, tokens, num_bytes, data.bits_per_byte(nll, num_bytes))
+
+
+def score_sets(
+    eval_step: Callable, params: Any, sets: dict[str, data.ValidationSet], sharding, step: int = 0
+) -> tuple[dict[str, DomainScore], DomainScore]:
+    """(score per set, total over all sets); eval_step(params, batch, step) -> (summed NLL, token count)."""
+    scores, total_nll, total_tokens, total_bytes = {}, 0.0, 0.0, 0
+    for name, vset in sets.items():
+        nll = tokens = 0.0
+        for batch in vset.batches:
+            n, t = eval_step(params, global_batch(batch, sharding), step)
+            nll, tokens = nll + float(n), tokens + float(t)
+        scores[name] = DomainScore.of(nll, tokens, vset.num_bytes)
+        total_nll, total_tokens, total_bytes = total_nll + nll, total_tokens + tokens, total_bytes + vset.num_bytes
+    return scores, DomainScore.of(total_nll, total_tokens, total_bytes)
 
 
 class Evaluator:
@@ -40,15 +69,9 @@ class Evaluator:
         )
 
     def __call__(self, params, step: int) -> dict[str, float]:
-        results, total_nll, total_tokens, total_bytes = {}, 0.0, 0.0, 0
-        for task, vset in self.sets.items():
-            nll = tokens = 0.0
-            for batch in vset.batches:
-                n, t = self.step(params, global_batch(batch, self.sharding), step)
-                nll, tokens = nll + float(n), tokens + float(t)
-            results[f"val_loss/{task}"] = nll / tokens
-            results[f"val_bpb/{task}"] = data.bits_per_byte(nll, vset.num_bytes)
-            total_nll, total_tokens, total_bytes = total_nll + nll, total_tokens + tokens, total_bytes + vset.num_bytes
-        results["val_loss"] = total_nll / total_tokens
-        results["val_bpb"] = data.bits_per_byte(total_nll, total_bytes)
+        scores, total = score_sets(self.step, params, self.sets, self.sharding, step)
+        results = {}
+        for task, score in scores.items():
+            results[f"val_loss/{task}"], results[f"val_bpb/{task}"] = score.loss, score.bpb
+        results["val_loss"], results["val_bpb"] = total.loss, total.bpb
         return results

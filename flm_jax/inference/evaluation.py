@@ -1,0 +1,127 @@
+"""Evaluating a plain model outside the trainer: the library behind `python -m flm_jax.evaluate`.
+
+  domains          loss, tokens, bytes and bits per byte of every task of a mixture's validation split (the
+                   trainer's own computation, flm_jax/training/evaluation.py), and their total
+  files            the same for text or JSONL files (each file, or each JSONL line's "text", is one document)
+  multiple_choice  log-likelihood scoring of local JSONL questions {"question", "choices", "answer"} (answer: the
+                   index of the right choice, or its text): accuracy, and accuracy_norm where each choice's
+                   log-likelihood is divided by its UTF-8 length
+BPB is the summed token NLL in nats / (ln 2 x UTF-8 bytes of the text).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import sentencepiece as spm
+
+from flm_jax import data
+from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.inference.scoring import score_continuations, with_bos
+from flm_jax.params import param_shardings
+from flm_jax.partitioning import MeshLayout, batch_sharding, make_mesh, replicated
+from flm_jax.training.evaluation import score_sets
+from flm_jax.training.step import make_eval_step
+
+import seqio  # isort: skip  (after flm_jax.data, which sets TensorFlow up)
+
+
+def tasks_of(name: str) -> list[str]:
+    """The tasks of a registered seqio mixture (or the task itself)."""
+    if name in seqio.MixtureRegistry.names():
+        return [task.name for task in seqio.get_mixture_or_task(name).tasks]
+    if name in seqio.TaskRegistry.names():
+        return [name]
+    raise ConfigError(
+        f"{name!r} is neither a registered task nor a mixture; registered: "
+        f"{sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())}"
+    )
+
+
+def register_file(path: str | Path) -> str:
+    """A seqio task whose validation split is one text or JSONL file; returns its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text_file {path} does not exist")
+    name = f"file_{zlib.crc32(str(path.resolve()).encode()):08x}"
+    if path.suffix == ".jsonl":
+        return data.register_jsonl_task(name, {"validation": str(path)})
+    return data.register_text_task(name, {"validation": str(path)}, document_per="file")
+
+
+def choice_items(path: str | Path) -> list[tuple[str, list[str], int]]:
+    """(question, choices, index of the answer) of each line of a multiple-choice JSONL file."""
+    items = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            question, choices, answer = record["question"], list(record["choices"]), record["answer"]
+            index = choices.index(answer) if isinstance(answer, str) else int(answer)
+            if not 0 <= index < len(choices):
+                raise ValueError(f"answer {answer!r} is not one of the {len(choices)} choices")
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(
+                f"{path}:{number}: not a multiple-choice record {{question, choices, answer}}: {e}"
+            ) from None
+        items.append((question, choices, index))
+    return items
+
+
+def multiple_choice(
+    params, config: TeleFLMConfig, sp: spm.SentencePieceProcessor, path: str | Path, batch_size: int = 8
+) -> dict[str, float]:
+    """Accuracy of picking the most likely choice (a choice follows its question after one space)."""
+    items = choice_items(path)
+    requests = [(with_bos(sp.encode(q), config), sp.encode(" " + c)) for q, choices, _ in items for c in choices]
+    scores = iter(score_continuations(params, config, requests, batch_size))
+    right = right_norm = 0
+    for _, choices, answer in items:
+        logprobs = [next(scores).logprob for _ in choices]
+        per_byte = [lp / len((" " + c).encode("utf-8")) for lp, c in zip(logprobs, choices)]
+        right += max(range(len(choices)), key=logprobs.__getitem__) == answer
+        right_norm += max(range(len(choices)), key=per_byte.__getitem__) == answer
+    return {"accuracy": right / len(items), "accuracy_norm": right_norm / len(items), "count": len(items)}
+
+
+def evaluate(
+    config: TeleFLMConfig,
+    params: Any,
+    layout: MeshLayout,
+    *,
+    mixture: str = "flm_default",
+    text_files: Sequence[str] = (),
+    choice_files: Sequence[str] = (),
+    batch_size: int = 16,
+    seq_len: int = 256,
+    tokenizer: str | Path | None = None,
+) -> dict[str, Any]:
+    """The evaluate JSON (see the module docstring) of a plain model's parameters (numpy or device arrays)."""
+    seq_len = min(seq_len, config.max_position_embeddings)
+    mesh = make_mesh(layout)
+    shardings = param_shardings(config, mesh, layout)
+    params = jax.device_put(params, shardings)
+    sharding = batch_sharding(mesh, layout)
+    eval_step = jax.jit(make_eval_step(config, layout), in_shardings=(shardings, sharding, replicated(mesh)))
+    result: dict[str, Any] = {"mixture": mixture, "seq_len": seq_len}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(layout.flax_rules()):
+        sets = {task: data.validation_set(task, batch_size, seq_len) for task in tasks_of(mixture)}
+        domains, total = score_sets(eval_step, params, sets, sharding)
+        result["domains"] = {name: score._asdict() for name, score in domains.items()}
+        result["total"] = total._asdict()
+        if text_files:
+            files = {str(f): data.validation_set(register_file(f), batch_size, seq_len) for f in text_files}
+            result["files"] = {
+                name: s._asdict() for name, s in score_sets(eval_step, params, files, sharding)[0].items()
+            }
+    if choice_files:
+        sp = spm.SentencePieceProcessor(model_file=str(tokenizer or data.TOKENIZER_PATH))
+        result["multiple_choice"] = {str(f): multiple_choice(params, config, sp, f) for f in choice_files}
+    return result
