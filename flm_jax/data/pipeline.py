@@ -5,8 +5,10 @@ A batch is a dict of numpy arrays shaped [batch, seq_len]:
   targets      int32   per segment: the document's tokens (or one chunk of them), the last chunk ending in EOS
   segment_ids  int32   1, 2, ... for the documents packed into a row; 0 on padding
   positions    int32   0, 1, ... restarting at every segment; 0 on padding
-  loss_weights float32 1 on real tokens, 0 on padding
+  loss_weights float32 1 on real tokens, 0 on padding (chat tasks: 1 on answer tokens and their EOS only)
 so a row reads  inputs [BOS t1 t2 t3 | BOS u1 | 0 ...] -> targets [t1 t2 t3 EOS | u1 EOS | 0 ...].
+A chat task (flm_jax/data/chat.py) packs the same way, one whole conversation per segment, its loss weights
+carried through packing by chat.ChatFeatureConverter.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 # isort: split  (TensorFlow's settings in flm_jax.data._tf apply before seqio / tfds import it)
 import seqio  # noqa: E402
 
+from flm_jax.data import chat
 from flm_jax.data import tasks as tasks_lib
 from flm_jax.data._tf import tf
 from flm_jax.data.vocab import BOS_ID
@@ -53,11 +56,20 @@ def packed_dataset(
     shard_index: int = 0,
     num_shards: int = 1,
 ) -> tf.data.Dataset:
-    """Unbatched packed rows of task or mixture `name` (see the module doc for the features)."""
-    lengths = {"targets": seq_len}
+    """Unbatched packed rows of task or mixture `name` (see the module doc for the features). Chat tasks are
+    checked first: a malformed record raises chat.ChatFormatError, or is counted and logged when skipped."""
+    provider = seqio.get_mixture_or_task(name)
+    is_chat = chat.is_chat_provider(provider)
+    if is_chat:
+        chat.check_provider(name, split, seq_len)
+        lengths = chat.feature_lengths(seq_len)
+        converter = chat.ChatFeatureConverter(pack=True, bos_id=BOS_ID)
+    else:
+        lengths = {"targets": seq_len}
+        converter = seqio.LMFeatureConverter(pack=True, bos_id=BOS_ID)
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
     # try_in_mem_cache=False: seqio would otherwise cache a small source after its first (shuffled) epoch.
-    ds = seqio.get_mixture_or_task(name).get_dataset(
+    ds = provider.get_dataset(
         sequence_length=lengths,
         split=split,
         shuffle=shuffle,
@@ -67,7 +79,7 @@ def packed_dataset(
         use_cached=False,
         try_in_mem_cache=False,
     )
-    ds = seqio.LMFeatureConverter(pack=True, bos_id=BOS_ID)(ds, lengths)
+    ds = converter(ds, lengths)
     ds = ds.map(_to_batch_format, num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
@@ -166,9 +178,9 @@ class BatchIterator:
 
 class ValidationSet(NamedTuple):
     batches: list[Batch]  # packed, unshuffled, every document exactly once; the last batch padded with 0 rows
-    num_bytes: int  # UTF-8 bytes of the documents' text
-    num_documents: int
-    num_tokens: int  # targets with loss weight 1 (the documents' tokens plus one EOS each)
+    num_bytes: int  # UTF-8 bytes of the documents' text (chat: of the answers, the weighted text)
+    num_documents: int  # (chat: conversations)
+    num_tokens: int  # targets with loss weight 1 (the documents' tokens plus one EOS each; chat: answers + EOS)
 
 
 def validation_set(name: str, batch_size: int, seq_len: int, split: str = "validation") -> ValidationSet:
@@ -182,7 +194,7 @@ def validation_set(name: str, batch_size: int, seq_len: int, split: str = "valid
         if short:
             batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
         batches.append(batch)
-    num_documents, num_bytes = tasks_lib.source_text_stats(name, split)
+    num_documents, num_bytes = tasks_lib.source_text_stats(name, split, seq_len)
     num_tokens = int(sum(b["loss_weights"].sum() for b in batches))
     return ValidationSet(batches, num_bytes, num_documents, num_tokens)
 

@@ -1,8 +1,11 @@
-"""seqio Tasks and Mixtures: the default corpus ('flm_prose', 'flm_code', 'flm_default') and gin-configurable
-registration of your own (text files, JSONL files, TFDS datasets, mixtures with rates).
+"""seqio Tasks and Mixtures: the default corpus ('flm_prose', 'flm_code', 'flm_default'), the shipped
+instruction set ('flm_instructions') and gin-configurable registration of your own (text files, JSONL files, TFDS
+datasets, chat JSONL files, mixtures with rates).
 
-Every task here has one output feature, 'targets', made by: text -> SentencePiece ids + EOS -> chunks of at
-most the sequence length (a long document becomes several examples; nothing is truncated away).
+Every pretraining task here has one output feature, 'targets', made by: text -> SentencePiece ids + EOS -> chunks
+of at most the sequence length (a long document becomes several examples; nothing is truncated away).
+Chat tasks (flm_jax/data/chat.py) have 'targets' (chat tokenizer ids) and 'loss_weights' (1 on answers only);
+a conversation is never split. A mixture holds tasks of one kind (seqio requires equal output features).
 Registration is idempotent: registering a name again replaces the earlier definition.
 """
 
@@ -17,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 import seqio  # noqa: E402  (after _tf)
 
 import gin
-from flm_jax.data import corpus
+from flm_jax.data import chat, corpus
 from flm_jax.data._tf import tf
 from flm_jax.data.vocab import get_vocabulary
 
@@ -70,6 +73,7 @@ def _add_task(name: str, source: seqio.DataSource, text_key: str, shuffle_buffer
     if name in seqio.MixtureRegistry.names():
         raise ValueError(f"{name!r} is already registered as a mixture")
     seqio.TaskRegistry.remove(name)
+    chat.remove_source(name)
     seqio.TaskRegistry.add(
         name,
         source=source,
@@ -178,6 +182,40 @@ def register_function_task(
 
 
 @gin.configurable
+def register_chat_task(
+    name: str,
+    split_to_filepattern: Mapping[str, FilePatterns],
+    skip_malformed: bool = False,
+    shuffle_buffer_size: int = SHUFFLE_BUFFER_SIZE,
+) -> str:
+    """A supervised fine-tuning task over chat JSONL files ({"messages": [{"role", "content"}, ...]} per line),
+    rendered with Tele-FLM's chat template and the chat tokenizer, loss weights on the answers only
+    (flm_jax/data/chat.py). A malformed record (bad JSON, role or content, no assistant turn, longer than the
+    sequence length) is a ChatFormatError naming file and line; with `skip_malformed` it is skipped and counted
+    (logged each time the task is read; `chat.skipped_records(name, split, seq_len)`)."""
+    return _add_chat_task(name, split_to_filepattern, skip_malformed, shuffle_buffer_size)
+
+
+def _add_chat_task(
+    name: str, split_to_filepattern: Mapping[str, FilePatterns], skip_malformed: bool, shuffle_buffer_size: int
+) -> str:
+    if name in seqio.MixtureRegistry.names():
+        raise ValueError(f"{name!r} is already registered as a mixture")
+    source = chat.ChatSource(name, split_to_filepattern, skip_malformed)
+    seqio.TaskRegistry.remove(name)
+    _TEXT_KEYS.pop(name, None)
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.FunctionDataSource(source.dataset_fn, splits=source.splits),
+        preprocessors=[functools.partial(chat.fit_sequence_length, skip_malformed=source.skip_malformed)],
+        output_features=chat.output_features(),
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+    chat.add_source(source)
+    return name
+
+
+@gin.configurable
 def register_mixture(name: str, tasks_and_rates: Mapping[str, float] | Sequence[tuple[str, float]]) -> str:
     """A mixture sampling registered tasks (or mixtures) in proportion to the given rates."""
     pairs = list(tasks_and_rates.items()) if isinstance(tasks_and_rates, Mapping) else list(tasks_and_rates)
@@ -192,12 +230,15 @@ def register_mixture(name: str, tasks_and_rates: Mapping[str, float] | Sequence[
 
 @gin.configurable
 def register_default_tasks(mixture_rates: Mapping[str, float] = DEFAULT_MIXTURE_RATES) -> list[str]:
-    """'flm_prose' and 'flm_code' over the embedded corpus (added once; they never change), and the mixture
-    'flm_default' of them (re-registered on every call, so gin-bound rates take effect)."""
+    """'flm_prose' and 'flm_code' over the embedded corpus and the chat task 'flm_instructions' over the shipped
+    instruction set (added once; they never change), and the mixture 'flm_default' of the corpus tasks
+    (re-registered on every call, so gin-bound rates take effect). Returns the pretraining names and the mixture's."""
     for domain in corpus.DOMAINS:
         if f"flm_{domain}" not in seqio.TaskRegistry.names():
             source = seqio.FunctionDataSource(_corpus_dataset_fn(domain), splits=corpus.SPLITS)
             _add_task(f"flm_{domain}", source, TEXT_KEY, SHUFFLE_BUFFER_SIZE)
+    if chat.INSTRUCTIONS_TASK not in seqio.TaskRegistry.names():
+        _add_chat_task(chat.INSTRUCTIONS_TASK, chat.INSTRUCTIONS_FILES, False, SHUFFLE_BUFFER_SIZE)
     return [f"flm_{d}" for d in corpus.DOMAINS] + [register_mixture(DEFAULT_MIXTURE, mixture_rates)]
 
 
@@ -215,8 +256,12 @@ def task_text_key(name: str) -> str:
     return _TEXT_KEYS[name]
 
 
-def source_text_stats(name: str, split: str) -> tuple[int, int]:
-    """(documents, UTF-8 bytes of their text) in the raw source of task `name`, read in order, once."""
+def source_text_stats(name: str, split: str, seq_len: int | None = None) -> tuple[int, int]:
+    """(documents, UTF-8 bytes of their text) in the raw source of task `name`, read in order, once. For a chat
+    task: (conversations that go into batches at `seq_len`, UTF-8 bytes of their answers, the weighted text)."""
+    source = chat.chat_source(name)
+    if source is not None:
+        return source.text_stats(split, seq_len)
     ds = seqio.get_mixture_or_task(name).source.get_dataset(split=split, shuffle=False)
     key = task_text_key(name)
     lengths = ds.map(lambda ex: tf.strings.length(ex[key], unit="BYTE"), num_parallel_calls=tf.data.AUTOTUNE)
