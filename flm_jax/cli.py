@@ -33,6 +33,7 @@ USER_ERRORS = (ConfigError, FileNotFoundError, FileExistsError)
 # The gin configurables of flm_jax.data (task registration). Tools that never read data skip their bindings instead
 # of importing TensorFlow to register them; tests check this list against flm_jax.data.tasks.
 DATA_CONFIGURABLES = (
+    "register_chat_task",
     "register_text_task",
     "register_jsonl_task",
     "register_tfds_task",

@@ -122,6 +122,13 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(path):
             cfg, MeshLayout(), batch_size=run.batch_size, seq_len=run.seq_len, num_microbatches=run.num_microbatches
         )
         assert plan["params_total"] == cfg.params_total()
+    elif folder == "sft":  # a fine-tuning run: the model holds the data's vocabulary and starts from a workdir
+        from flm_jax import data
+
+        gin.parse_config_file(str(REPO_ROOT / path))
+        cfg, run = TeleFLMConfig(), TrainConfig()
+        assert run.init_from and cfg.vocab_size >= data.required_vocab_size(run.mixture)
+        assert OptimizerConfig().schedule == "linear" and run.seq_len <= cfg.max_position_embeddings
     elif folder == "growth":  # the source model grows into the target shape, planned abstractly
         from flm_jax.growth import GrowthSpec, target_config
 

@@ -25,6 +25,7 @@ from flm_jax.data.tasks import (
     register_tasks,
     register_text_task,
     register_tfds_task,
+    required_vocab_size,
 )
 from flm_jax.data.tfds_builder import FlmCorpus, prepare_tfds, tfds_name
 from flm_jax.data.vocab import (
@@ -88,6 +89,7 @@ __all__ = [
     "register_text_task",
     "register_tfds_task",
     "render_chat",
+    "required_vocab_size",
     "skipped_records",
     "tfds_name",
     "validation_set",

@@ -249,6 +249,12 @@ def register_tasks(registrations: Sequence[str] = ()) -> list[str]:
     return register_default_tasks() + list(registrations)
 
 
+def required_vocab_size(name: str) -> int:
+    """The vocabulary size a model needs for task or mixture `name`: 2048 (VOCAB_SIZE) for the pretraining tasks,
+    2050 (CHAT_VOCAB_SIZE) for chat tasks. A smaller model vocabulary would index its embedding out of range."""
+    return int(seqio.get_mixture_or_task(name).output_features["targets"].vocabulary.vocab_size)
+
+
 def task_text_key(name: str) -> str:
     """The source feature holding the document text of a task registered by this module."""
     if name not in _TEXT_KEYS:

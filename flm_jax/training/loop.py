@@ -84,6 +84,13 @@ def train(
     elif train_cfg.init_from:  # a resumed fine-tuning run keeps what it inherited from its source
         model_cfg = model_cfg.replace(**{k: saved_meta["model_config"][k] for k in INHERITED_FIELDS})
     model_cfg = resolve_model_config(model_cfg, saved_meta or None)
+    for name in (train_cfg.mixture, *train_cfg.eval_tasks):  # JAX would clamp out-of-range token ids silently
+        if model_cfg.vocab_size < data.required_vocab_size(name):
+            raise ConfigError(
+                f"{name!r} uses token ids up to {data.required_vocab_size(name) - 1} but TeleFLMConfig.vocab_size="
+                f"{model_cfg.vocab_size}. Use a model with a larger vocabulary (a chat task needs the chat "
+                "tokenizer's markers: e.g. gin/sft/tiny_sft.gin, vocab_size 2176)."
+            )
     if train_cfg.seq_len > model_cfg.max_position_embeddings:
         raise ConfigError(
             f"TrainConfig.seq_len={train_cfg.seq_len} exceeds TeleFLMConfig.max_position_embeddings="
