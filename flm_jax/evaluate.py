@@ -3,9 +3,10 @@
 Writes (and prints) {"domains": {task: {"loss", "tokens", "bytes", "bpb"}}, "total": {...}} over the validation
 split of every task of --mixture (default: the embedded corpus, prose and code), plus "files" for each --text_file
 (a text file is one document, a .jsonl file one document per line's "text") and "multiple_choice" accuracy for each
---choices_file (JSONL {"question", "choices", "answer"}). --hf_dir scores a Hugging Face folder through the
-importer, so a released Tele-FLM-shaped model is scored the same way. A mesh gin file places the model. See
-docs/evaluation.md.
+--choices_file (JSONL {"question", "choices", "answer"}); "exact_match" accuracy of a chat model's greedy answers
+for each --chat_file, and with --exact_match for the shipped instruction set's held-out split. --hf_dir scores a
+Hugging Face folder through the importer, so a released Tele-FLM-shaped model is scored the same way. A mesh gin
+file places the model. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -28,6 +29,17 @@ def main(argv=None) -> None:
     p.add_argument("--mixture", default="flm_default", help="a seqio mixture or task: its validation split")
     p.add_argument("--text_file", action="append", default=[], help="a text or JSONL file to score (repeatable)")
     p.add_argument("--choices_file", action="append", default=[], help="multiple-choice JSONL (repeatable)")
+    p.add_argument(
+        "--chat_file",
+        action="append",
+        default=[],
+        help="chat JSONL whose last answers are scored by exact match (repeatable)",
+    )
+    p.add_argument(
+        "--exact_match",
+        action="store_true",
+        help="exact match on the shipped instruction set's held-out split (a fine-tuned chat model)",
+    )
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq_len", type=int, default=256, help="packed row length (at most max_position_embeddings)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: flm_jax's tokenizer)")
@@ -41,6 +53,7 @@ def main(argv=None) -> None:
         mixture=args.mixture,
         text_files=args.text_file,
         choice_files=args.choices_file,
+        chat_files=args.chat_file + ([data.INSTRUCTIONS_FILES["validation"]] if args.exact_match else []),
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         tokenizer=args.tokenizer,

@@ -14,7 +14,7 @@ from flm_jax.partitioning import make_mesh
 from flm_jax.training.checkpoint import Checkpointer
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.init_from import source_params
-from tests.helpers import MODEL, SINGLE, metrics, restore, run_train
+from tests.helpers import MODEL, MODEL_FLAGS, SINGLE, metrics, restore, run_module, run_train
 
 LEGACY = REPO_ROOT / "tests/fixtures/legacy_grown_workdir"
 TOKENS = np.arange(3, 35, dtype=np.int32).reshape(2, 16)
@@ -80,3 +80,58 @@ def test_another_architecture_is_refused_naming_the_fields(pretrained):
         source_params(pretrained, MODEL.replace(vocab_size=1024), make_mesh(SINGLE), SINGLE)
     with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
         source_params(pretrained / "nowhere", MODEL, make_mesh(SINGLE), SINGLE)
+
+
+def test_the_sft_gin_file_fine_tunes_a_workdir_into_a_chat_model_that_chats_and_is_scored(tmp_path):
+    """gin/sft/tiny_sft.gin end to end on a small model: fine-tune from a pretrained workdir on flm_instructions,
+    then `generate --chat` and `evaluate` exact match, whose accuracy is checked on references made from the
+    model's own greedy answers (one right, one wrong)."""
+    source_model = MODEL.replace(max_position_embeddings=128)  # the instruction records need 128 positions
+    run_train(tmp_path / "pre", TrainConfig(steps=1, batch_size=8, seq_len=32, eval_tasks=()), model=source_model)
+    shape = [f for f in MODEL_FLAGS if "max_position_embeddings" not in f and "vocab_size" not in f]
+    out = run_module(
+        "flm_jax.train",
+        "--gin_file=gin/sft/tiny_sft.gin",
+        f"--workdir={tmp_path / 'sft'}",
+        *shape,
+        "--gin.TeleFLMConfig.max_position_embeddings=128",
+        f"--gin.TrainConfig.init_from='{tmp_path / 'pre'}'",
+        "--gin.TrainConfig.steps=2",
+        "--gin.TrainConfig.log_every=1",
+        env={"XLA_FLAGS": ""},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    logged = metrics(tmp_path / "sft")
+    assert [m["step"] for m in logged] == [1, 2] and np.isfinite(logged[-1]["val_loss/flm_instructions"])
+    assert Checkpointer(tmp_path / "sft").metadata(2)["model_config"]["vocab_size"] == 2176
+
+    from flm_jax import evaluate as evaluate_mod
+
+    questions = ["What is 2 + 3?", "Copy this word: shepherd"]
+    argv = [f"--workdir={tmp_path / 'sft'}", "--chat", "--json", "--max_new_tokens=48"]  # as exact_match
+    out = run_module("flm_jax.generate", *argv, *[f"--prompt={q}" for q in questions], env={"XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stderr[-3000:]
+    answers = [json.loads(line)["text"] for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(answers) == 2
+    chat = tmp_path / "chat.jsonl"
+    references = [answers[0], answers[1] + " (not what the model says)"]
+    chat.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": r}]}) + "\n"
+            for q, r in zip(questions, references)
+        )
+    )
+    evaluate_mod.main(
+        [
+            f"--workdir={tmp_path / 'sft'}",
+            f"--out={tmp_path / 'e.json'}",
+            f"--chat_file={chat}",
+            "--mixture=flm_instructions",
+            "--seq_len=128",
+            "--batch_size=32",
+        ]
+    )
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["exact_match"][str(chat)]["count"] == 2
+    assert result["exact_match"][str(chat)]["accuracy"] == 0.5
+    assert result["domains"]["flm_instructions"]["bytes"] > 0

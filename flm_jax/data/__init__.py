@@ -5,7 +5,14 @@ Importing this package imports TensorFlow (CPU only, GPUs hidden from it) and re
 """
 
 from flm_jax.data import _tf  # noqa: F401  (first: TF log level and GPU hiding)
-from flm_jax.data.chat import INSTRUCTIONS_TASK, ChatFormatError, render_chat, skipped_records
+from flm_jax.data.chat import (
+    INSTRUCTIONS_FILES,
+    INSTRUCTIONS_TASK,
+    ChatFormatError,
+    parse_chat_line,
+    render_chat,
+    skipped_records,
+)
 from flm_jax.data.corpus import DOMAINS, SPLITS, Document, load_documents
 from flm_jax.data.pipeline import (
     BatchIterator,
@@ -89,6 +96,8 @@ __all__ = [
     "register_text_task",
     "register_tfds_task",
     "render_chat",
+    "parse_chat_line",
+    "INSTRUCTIONS_FILES",
     "required_vocab_size",
     "skipped_records",
     "tfds_name",

@@ -151,6 +151,20 @@ def parse_messages(record: Any) -> list[Message]:
     return out
 
 
+def parse_chat_line(line: bytes | str, path: str, number: int) -> list[Message]:
+    """The validated messages of one JSONL line; a ChatFormatError names the file, the line and the reason."""
+    try:
+        try:
+            record = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+        except UnicodeDecodeError as e:
+            raise _Malformed("bad_json", f"not UTF-8 ({e})") from None
+        except json.JSONDecodeError as e:
+            raise _Malformed("bad_json", f"not valid JSON ({e})") from None
+        return parse_messages(record)
+    except _Malformed as e:
+        raise ChatFormatError(path, number, e.reason, e.detail) from None
+
+
 def _encode(sp, text: str) -> list[int]:
     return sp.encode(text) if text else []
 
@@ -189,15 +203,9 @@ def _read_file(path: str) -> tuple[list[ChatRecord], list[ChatFormatError]]:
         if not line.strip():  # blank lines (and the end of the file) are not records
             continue
         try:
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise _Malformed("bad_json", f"not UTF-8 ({e})") from None
-            except json.JSONDecodeError as e:
-                raise _Malformed("bad_json", f"not valid JSON ({e})") from None
-            messages = parse_messages(record)
-        except _Malformed as e:
-            errors.append(ChatFormatError(path, number, e.reason, e.detail))
+            messages = parse_chat_line(line, path, number)
+        except ChatFormatError as e:
+            errors.append(e)
             continue
         rendered = render_chat(messages, sp)
         answer_bytes = sum(len(m.content.encode("utf-8")) for m in messages if m.role == "assistant")

@@ -6,6 +6,8 @@
   multiple_choice  log-likelihood scoring of local JSONL questions {"question", "choices", "answer"} (answer: the
                    index of the right choice, or its text): accuracy, and accuracy_norm where each choice's
                    log-likelihood is divided by its UTF-8 length
+  exact_match      a chat model's greedy answers to held-out conversations (chat JSONL, default: the shipped
+                   instruction set's validation split) against the reference answers, character for character
 BPB is the summed token NLL in nats / (ln 2 x UTF-8 bytes of the text).
 """
 
@@ -23,6 +25,7 @@ import sentencepiece as spm
 
 from flm_jax import data
 from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.inference.generate import generate
 from flm_jax.inference.scoring import score_continuations, with_bos
 from flm_jax.params import param_shardings
 from flm_jax.partitioning import MeshLayout, batch_sharding, make_mesh, replicated
@@ -91,6 +94,30 @@ def multiple_choice(
     return {"accuracy": right / len(items), "accuracy_norm": right_norm / len(items), "count": len(items)}
 
 
+def exact_match(params, config: TeleFLMConfig, path: str | Path, max_new_tokens: int = 48) -> dict[str, Any]:
+    """Accuracy of greedy answers to the last user turn of each chat record (the conversation before it, earlier
+    answers included, is the prompt), decoded in one batch with the KV cache."""
+    if config.vocab_size < data.CHAT_VOCAB_SIZE:
+        raise ConfigError(
+            f"exact-match scoring of chat data needs a model with the chat tokenizer's vocabulary "
+            f"(vocab_size >= {data.CHAT_VOCAB_SIZE}, a fine-tuned model); this one has {config.vocab_size}."
+        )
+    sp = spm.SentencePieceProcessor(model_file=data.CHAT_TOKENIZER_PATH)
+    prompts, references = [], []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            messages = data.parse_chat_line(line, str(path), number)
+            prompts.append(data.render_chat(messages[:-1], sp).ids)
+            references.append(messages[-1].content)
+    new = generate(params, config, prompts, max_new_tokens, eos_id=config.eos_token_id)
+    answers = [
+        sp.decode(row[: row.index(config.eos_token_id)] if config.eos_token_id in row else row) for row in new.tolist()
+    ]
+    right = sum(a == r for a, r in zip(answers, references))
+    examples = [{"reference": r, "answer": a} for a, r in list(zip(answers, references))[:5]]
+    return {"accuracy": right / len(references), "count": len(references), "examples": examples}
+
+
 def evaluate(
     config: TeleFLMConfig,
     params: Any,
@@ -99,6 +126,7 @@ def evaluate(
     mixture: str = "flm_default",
     text_files: Sequence[str] = (),
     choice_files: Sequence[str] = (),
+    chat_files: Sequence[str] = (),
     batch_size: int = 16,
     seq_len: int = 256,
     tokenizer: str | Path | None = None,
@@ -124,4 +152,6 @@ def evaluate(
     if choice_files:
         sp = spm.SentencePieceProcessor(model_file=str(tokenizer or data.TOKENIZER_PATH))
         result["multiple_choice"] = {str(f): multiple_choice(params, config, sp, f) for f in choice_files}
+    if chat_files:
+        result["exact_match"] = {str(f): exact_match(params, config, f) for f in chat_files}
     return result
