@@ -4,8 +4,10 @@
 
 Writes DIR/coord_check.json and DIR/coord_check.png. `mup_max_ratio` / `sp_max_ratio`: over every recorded
 activation (embedding, each layer's attention output, MLP output and residual stream, logits), the largest
-max(r, 1/r) with r = RMS at the widest width / RMS at the narrowest. Under μP activations stay O(1) as width grows
-(ratio near 1); under standard parametrisation the Adam updates make them grow with width.
+max(r, 1/r) with r = RMS at the widest width / RMS at the narrowest, on the RMS averaged over --seeds (default 3);
+`max_ratio_per_seed` repeats the check on each seed alone (the spread). Only activations count (the layer-selection
+distance that the model also sows is not a coordinate size). Under μP activations stay O(1) as width grows (ratio
+near 1); under standard parametrisation the Adam updates make them grow with width.
 """
 
 import json
@@ -19,17 +21,28 @@ from flm_jax.training.short_runs import draw_batches, proxy_config, run
 WIDTHS = (128, 256, 512, 1024)  # an 8x range
 
 
+def max_ratios(wide: dict[str, list[float]], narrow: dict[str, list[float]]) -> dict[str, float]:
+    """max(r, 1/r) of r = RMS at the widest width / RMS at the narrowest, per activation (and layer)."""
+    ratios = {}
+    for key, values in wide.items():
+        for layer, value in enumerate(values):
+            r = value / narrow[key][layer]
+            ratios[f"{key}[{layer}]" if len(values) > 1 else key] = max(r, 1 / r)
+    return ratios
+
+
 def coord_check(steps: int, lr: float, seeds: int) -> dict:
     batches = draw_batches("flm_default", "train", steps + 1, batch_size=4, seq_len=64, seed=1)
     optimizer = OptimizerConfig(peak_learning_rate=lr, warmup_steps=0, schedule="constant", weight_decay=0.0)
     results = {}
     for name, mup in (("mup", True), ("sp", False)):
-        per_width = {}
+        per_width, seed_runs = {}, {}
         for width in WIDTHS:
             cfg = proxy_config(width, WIDTHS[0], num_layers=2, head_dim=32, seq_len=64, mup=mup)
             runs = [
                 run(cfg, optimizer, batches[:steps], probe=batches[-1], seed=s).activation_rms for s in range(seeds)
             ]
+            seed_runs[width] = runs
             per_width[width] = {
                 k: [sum(r[k][i] for r in runs) / seeds for i in range(len(runs[0][k]))] for k in runs[0]
             }
@@ -37,15 +50,15 @@ def coord_check(steps: int, lr: float, seeds: int) -> dict:
                 f"{name} width {width}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in per_width[width].items()),
                 flush=True,
             )
-        ratios = {}
-        for key, values in per_width[WIDTHS[-1]].items():
-            for layer, wide in enumerate(values):
-                r = wide / per_width[WIDTHS[0]][key][layer]
-                ratios[f"{key}[{layer}]" if len(values) > 1 else key] = max(r, 1 / r)
+        ratios = max_ratios(per_width[WIDTHS[-1]], per_width[WIDTHS[0]])
+        per_seed = [
+            max(max_ratios(wide, narrow).values()) for wide, narrow in zip(seed_runs[WIDTHS[-1]], seed_runs[WIDTHS[0]])
+        ]
         results[name] = {
             "rms": {str(w): v for w, v in per_width.items()},
             "ratios": ratios,
             "max_ratio": max(ratios.values()),
+            "max_ratio_per_seed": per_seed,  # the spread: the same check on each seed alone
         }
     return {
         "widths": list(WIDTHS),
@@ -90,7 +103,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3)
     args = cli.parse(p)
     out = Path(args.out)
     os.makedirs(out, exist_ok=True)

@@ -77,7 +77,9 @@ def activation_rms(config: TeleFLMConfig, params: Any, batch: dict) -> dict[str,
         {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], mutable=["intermediates"]
     )
     flat = jax.tree_util.tree_leaves_with_path(state["intermediates"])
-    return {jax.tree_util.keystr(p[-2:-1], simple=True): np.atleast_1d(np.asarray(v)).tolist() for p, v in flat}
+    rms = {jax.tree_util.keystr(p[-2:-1], simple=True): np.atleast_1d(np.asarray(v)).tolist() for p, v in flat}
+    # Activations only: the sown layer-selection distance (1 - cos) is not a coordinate size.
+    return {k: v for k, v in rms.items() if k.endswith("_rms")}
 
 
 def run(
