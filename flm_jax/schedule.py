@@ -2,7 +2,8 @@
 --workdir=runs/schedule`.
 
 Trains, grows, trains, ... each stage in WORKDIR/stage<i> (flm_jax.growth.schedule). Running it again resumes. At
-the end it prints the loss before and after each growth and a table of the stages, and writes WORKDIR/schedule.json.
+the end it prints the loss before and after each growth and a table of the stages, and writes WORKDIR/schedule.json
+and WORKDIR/schedule.png (loss against step, every stage, growth points marked).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 from flm_jax import cli
-from flm_jax.growth.schedule import format_table, run_schedule, stages
+from flm_jax.growth.schedule import format_table, plot_schedule, run_schedule, stages
 
 
 def main(argv=None) -> None:
@@ -29,6 +30,7 @@ def main(argv=None) -> None:
     (workdir / "schedule.json").write_text(
         json.dumps({"stages": rows, "wall_seconds": time.time() - started}, indent=1)
     )
+    plot_schedule(rows, workdir / "schedule.png")
 
 
 if __name__ == "__main__":

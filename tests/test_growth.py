@@ -360,3 +360,18 @@ def test_grow_refusals_write_nothing(trained, tmp_path):
     with pytest.raises(ConfigError, match="is not empty; grow never writes over a run"):
         grow_checkpoint(trained, tmp_path / "b", spec, SINGLE)
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["notes.txt"]
+
+
+def test_the_schedule_plot_draws_every_stage_and_marks_each_growth(tmp_path):
+    from flm_jax.growth.schedule import plot_schedule
+
+    growth = {"step": 3, "source_params": 1_000_000, "target_params": 2_000_000}
+    rows = [
+        {"stage": 1, "curve": [(1, 7.0, 7.1), (2, 6.0, None), (3, 5.5, 5.6)]},
+        {"stage": 2, "growth": growth, "curve": [(4, 5.4, None), (5, 5.2, 5.3)]},
+    ]
+    plot_schedule(rows, tmp_path / "schedule.png")
+    import matplotlib.image
+
+    image = matplotlib.image.imread(tmp_path / "schedule.png")
+    assert image.shape[0] > 300 and image.shape[1] > 600 and image[..., :3].std() > 0.05  # a drawn picture

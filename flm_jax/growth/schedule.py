@@ -86,9 +86,47 @@ def run_schedule(workdir: Path, plan: list[dict[str, Any]]) -> list[dict[str, An
             val_loss=evaluated[-1]["val_loss"] if evaluated else None,
             val_bpb=evaluated[-1]["val_bpb"] if evaluated else None,
             tokens_per_sec=logged[-1]["tokens_per_sec"] if logged else None,
+            curve=[(m["step"], m["loss"], m.get("val_loss")) for m in logged],
         )
         rows.append(row)
     return rows
+
+
+def plot_schedule(rows: list[dict[str, Any]], path: Path) -> None:
+    """Training loss (and validation loss where evaluated) against step for every stage, growth points marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for row in rows:
+        if not row["curve"]:
+            continue
+        steps, losses, val = zip(*row["curve"])
+        params = row["growth"]["target_params"] if "growth" in row else None
+        label = f"stage {row['stage']}" + (f" ({params / 1e6:.1f}M)" if params else "")
+        line = ax.plot(steps, losses, marker=".", label=label)[0]
+        evaluated = [(s, v) for s, v in zip(steps, val) if v is not None]
+        if evaluated:
+            ax.plot(*zip(*evaluated), "s--", color=line.get_color(), alpha=0.6, label=f"stage {row['stage']} val")
+        if "growth" in row:
+            g = row["growth"]
+            ax.axvline(g["step"], color="grey", linestyle=":")
+            ax.annotate(
+                f"grow {g['source_params'] / 1e6:.1f}M -> {g['target_params'] / 1e6:.1f}M",
+                (g["step"], 0.98),
+                xycoords=ax.get_xaxis_transform(),  # x in data, y as a fraction of the axes
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+            )
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Growth schedule: loss per stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
