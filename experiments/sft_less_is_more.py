@@ -61,9 +61,7 @@ def resolve(files: list[str], bindings: list[str], args) -> tuple:
 def main(argv=None) -> None:
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument(
-        "--quick", action="store_true", help="250 pretraining and 150 fine-tuning steps (~12 min on 2 cores)"
-    )
+    p.add_argument("--quick", action="store_true", help="250 pretraining and 150 fine-tuning steps (330 s on 2 cores)")
     p.add_argument("--init_from", default=None, help="a pretrained tiny workdir (default: pretrain one here)")
     args = cli.parse(p, argv)
     comparison = QUICK if args.quick else SftComparison()  # gin-bound: --gin.SftComparison.X=V

@@ -87,6 +87,15 @@ def parse(
     return args
 
 
+def boolean(text: str) -> bool:
+    """An argparse type for true/false flags (--kv_cache=false)."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def resolve_gin_file(name: str) -> str:
     for candidate in (Path(name), REPO_ROOT / name):
         if candidate.is_file():

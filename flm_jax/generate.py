@@ -24,12 +24,6 @@ from flm_jax.inference.loading import load_model
 from flm_jax.partitioning import MeshLayout
 
 
-def _bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise ValueError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1")
-
-
 def main(argv=None) -> None:
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="flm_jax workdir holding checkpoints/")
@@ -39,7 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching p")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv_cache", type=_bool, default=True, help="false: full recompute at every step (reference)")
+    p.add_argument("--kv_cache", type=cli.boolean, default=True, help="false: full recompute at every step (reference)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt: prompt, new token ids, text")
     p.add_argument("--chat", action="store_true", help="apply the chat template (a fine-tuned chat model)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

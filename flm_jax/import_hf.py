@@ -19,14 +19,6 @@ from flm_jax.partitioning import MeshLayout
 from flm_jax.training.checkpoint import CONFIG_GIN, config_gin_with_model
 
 
-def _bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"expected true or false, got {text!r}")
-
-
 def runtime_bindings() -> dict:
     """The TeleFLMConfig runtime fields that gin binds (the rest of the model comes from the folder)."""
     bound = {}
@@ -44,7 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", required=True, help="new flm_jax workdir to write")
     p.add_argument(
         "--use_mup",
-        type=_bool,
+        type=cli.boolean,
         default=None,
         help="llama layout: true unfolds μP multipliers, false keeps a plain model (default: what config.json records)",
     )
