@@ -18,6 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 # Which intermediate values a layer keeps for the backward pass (see model.py and plan.py).
 REMAT_POLICIES = ("none", "full", "dots")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy")
+MUP_BASE_FIELDS = ("mup_base_hidden_size", "mup_base_intermediate_size")
 
 
 class ConfigError(ValueError):
@@ -42,11 +43,17 @@ class TeleFLMConfig:
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
-    # --- μP multipliers in the forward pass ---
+    # --- μP: multipliers in the forward pass (HF fields) ---
     use_mup: bool = True
-    input_mult: float = 1.0
-    output_mult: float = 1.0
+    input_mult: float = 1.0  # embedding output x input_mult
+    output_mult: float = 1.0  # logits x output_mult / mup_scale_factor: the readout multiplier, nothing else
     mup_scale_factor: float = 1.0
+    # --- μP: the base shape (flm_jax fields, docs/mup.md). A matrix's width multiplier is its fan-in over the base
+    # model's: hidden_size / mup_base_hidden_size for q/k/v/o/gate/up, intermediate_size /
+    # mup_base_intermediate_size for down_proj. It sets hidden init and Adam learning rates; growth keeps the base,
+    # so a grown model trains as a fresh one of its shape. None: this model's own size (width multiplier 1).
+    mup_base_hidden_size: float | None = None
+    mup_base_intermediate_size: float | None = None
     # --- special tokens ---
     pad_token_id: int = 0
     bos_token_id: int = 1
@@ -106,6 +113,9 @@ class TeleFLMConfig:
         for name in ("rms_norm_eps", "rms_norm_scale", "rope_theta", "mup_scale_factor"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"TeleFLMConfig.{name} must be > 0, got {getattr(self, name)!r}.")
+        for name in MUP_BASE_FIELDS:
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"TeleFLMConfig.{name} must be > 0 (or None: the model's own size).")
 
     # --- derived values ---
     @property
@@ -162,6 +172,13 @@ class TeleFLMConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"Unknown TeleFLMConfig fields {unknown}; known fields are {sorted(known)}.")
+        values = dict(values)
+        if values.get("use_mup", True) and "mup_base_hidden_size" not in values:
+            # Written before the base shape existed, when mup_scale_factor was also every matrix's width
+            # multiplier: the base that gives those multipliers back, so old runs resume exactly.
+            factor = values.get("mup_scale_factor", 1.0)
+            values["mup_base_hidden_size"] = values["hidden_size"] / factor
+            values["mup_base_intermediate_size"] = values["intermediate_size"] / factor
         return cls(**values)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -36,14 +37,19 @@ def _param(module: nn.Module, name: str, axes: tuple[str, ...], shape: tuple[int
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
-class GrowthMasks(NamedTuple):
+@flax.struct.dataclass
+class GrowthMasks:
     """MSG masks of a model in the middle of a growth ramp (flm_jax/growth/msg.py builds them): 1 on structure
-    the model had before growing, the ramp value m on new structure."""
+    the model had before growing, the ramp value m on new structure. `form` (static) says where they apply
+    (flm_jax.growth.spec.MSG_FORMS): 'sublayer' masks new heads and FFN units on their outputs and gates a new
+    layer's attention and MLP outputs one by one; 'block' masks new heads on Q, K and V, new FFN units before the
+    activation, and blends a new layer whole, m·block(h) + (1-m)·h."""
 
     hidden: Array  # [d]
     heads: Array  # [h]
     ffn: Array  # [f]
     layers: Array  # [num_layers]
+    form: str = flax.struct.field(pytree_node=False, default="sublayer")
 
 
 class KVCache(NamedTuple):
@@ -119,10 +125,12 @@ class Attention(nn.Module):
         heads_mask_h: Array | None = None,
         cache: tuple[Array, Array] | None = None,
         cache_lengths_b: Array | None = None,
+        mask_qkv: bool = False,
     ) -> tuple[Array, tuple[Array, Array]]:
         """-> (output, (keys, values)). With a cache (one layer's keys and values [b, s, k, e]), this call's keys and
         values are written at each row's cache length and the queries attend over the whole cache (mask says which
-        positions count); the returned keys and values are then the updated cache."""
+        positions count); the returned keys and values are then the updated cache. A heads mask scales each head's
+        output, or its queries, keys and values with mask_qkv (new heads come in whole kv groups)."""
         cfg = self.config
         d, h, k, e = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_w = _param(self, "q_proj", ("embed", "heads", "head_dim"), (d, h, e))
@@ -134,6 +142,11 @@ class Attention(nn.Module):
         q_bthe = jnp.einsum("btd,dhe->bthe", x_btd, q_w.astype(dt))
         k_bske = jnp.einsum("bsd,dke->bske", x_btd, k_w.astype(dt))
         v_bske = jnp.einsum("bsd,dke->bske", x_btd, v_w.astype(dt))
+        if heads_mask_h is not None and mask_qkv:
+            kv_mask_k = heads_mask_h.reshape(k, h // k)[:, 0]
+            q_bthe = q_bthe * heads_mask_h[:, None].astype(dt)
+            k_bske = k_bske * kv_mask_k[:, None].astype(dt)
+            v_bske = v_bske * kv_mask_k[:, None].astype(dt)
         q_bthe = nn.with_logical_constraint(q_bthe, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         k_bske = nn.with_logical_constraint(k_bske, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
         v_bske = nn.with_logical_constraint(v_bske, ("act_batch", "act_length", "act_kv_heads", "act_head_dim"))
@@ -152,7 +165,7 @@ class Attention(nn.Module):
         probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
         out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
         out_bthe = out_btkge.reshape(b, t, h, e)
-        if heads_mask_h is not None:
+        if heads_mask_h is not None and not mask_qkv:
             out_bthe = out_bthe * heads_mask_h[:, None].astype(dt)
         out_bthe = nn.with_logical_constraint(out_bthe, ("act_batch", "act_length", "act_heads", "act_head_dim"))
         return jnp.einsum("bthe,hed->btd", out_bthe, o_w.astype(dt)), (k_bske, v_bske)
@@ -162,7 +175,9 @@ class SwiGLU(nn.Module):
     config: TeleFLMConfig
 
     @nn.compact
-    def __call__(self, x_btd: Array, ffn_mask_f: Array | None = None) -> Array:
+    def __call__(self, x_btd: Array, ffn_mask_f: Array | None = None, mask_inputs: bool = False) -> Array:
+        """An FFN mask scales each unit's output, or its gate and up projections with mask_inputs (before the
+        activation)."""
         cfg = self.config
         d, f = cfg.hidden_size, cfg.intermediate_size
         gate_w = _param(self, "gate_proj", ("embed", "mlp"), (d, f))
@@ -171,8 +186,10 @@ class SwiGLU(nn.Module):
         dt = cfg.dtype
         gate_btf = jnp.einsum("btd,df->btf", x_btd, gate_w.astype(dt))
         up_btf = jnp.einsum("btd,df->btf", x_btd, up_w.astype(dt))
+        if ffn_mask_f is not None and mask_inputs:
+            gate_btf, up_btf = gate_btf * ffn_mask_f.astype(dt), up_btf * ffn_mask_f.astype(dt)
         hidden_btf = nn.silu(gate_btf) * up_btf
-        if ffn_mask_f is not None:
+        if ffn_mask_f is not None and not mask_inputs:
             hidden_btf = hidden_btf * ffn_mask_f.astype(dt)
         hidden_btf = nn.with_logical_constraint(hidden_btf, ("act_batch", "act_length", "act_mlp"))
         return jnp.einsum("btf,fd->btd", hidden_btf, down_w.astype(dt))
@@ -198,23 +215,30 @@ class DecoderLayer(nn.Module):
         layer_gate: Array,
         cache: tuple[Array, Array] | None,
     ):
-        """layer_gate (a scalar, this layer's slice of masks.layers) blends a new layer in as x + m·f(x)."""
+        """layer_gate (a scalar, this layer's slice of masks.layers) blends a new layer in: x + m·attn, then + m·mlp
+        (form 'sublayer'), or x + m·(block(x) - x) (form 'block')."""
         residual_axes = ("act_batch", "act_length", "act_embed")
         hidden, heads, ffn = (None, None, None) if masks is None else (masks.hidden, masks.heads, masks.ffn)
+        whole_block = masks is not None and masks.form == "block"
+        # Writers' new hidden coordinates are masked; the sublayer form also gates each sublayer here.
+        out_mask = None if masks is None else (hidden if whole_block else hidden * layer_gate)
         x_btd = nn.with_logical_constraint(x_btd, residual_axes)
         x_in = x_btd
         attn_in = RMSNorm(self.config, name="input_layernorm")(x_btd, hidden)
         attn_out, kv = Attention(self.config, name="self_attn")(
-            attn_in, mask, cos_bte, sin_bte, heads, cache, cache_lengths_b
+            attn_in, mask, cos_bte, sin_bte, heads, cache, cache_lengths_b, whole_block
         )
         if masks is not None:
-            attn_out = attn_out * (hidden * layer_gate).astype(attn_out.dtype)
+            attn_out = attn_out * out_mask.astype(attn_out.dtype)
         x_btd = x_btd + attn_out
         mlp_in = RMSNorm(self.config, name="post_attention_layernorm")(x_btd, hidden)
-        mlp_out = SwiGLU(self.config, name="mlp")(mlp_in, ffn)
+        mlp_out = SwiGLU(self.config, name="mlp")(mlp_in, ffn, whole_block)
         if masks is not None:
-            mlp_out = mlp_out * (hidden * layer_gate).astype(mlp_out.dtype)
-        x_btd = x_btd + mlp_out
+            mlp_out = mlp_out * out_mask.astype(mlp_out.dtype)
+        if whole_block:
+            x_btd = x_in + (attn_out + mlp_out) * layer_gate.astype(mlp_out.dtype)
+        else:
+            x_btd = x_btd + mlp_out
         if self.record_internals:
             for name, value in (("attn_out", attn_out), ("mlp_out", mlp_out), ("residual", x_btd)):
                 _sow_rms(self, name, value)

@@ -64,6 +64,11 @@ SPECS = {
         hidden_size=48, num_attention_heads=6, intermediate_size=72, num_hidden_layers=5, mode="msg"
     ),
     "msg_with_vocab": GrowthSpec(hidden_size=48, num_attention_heads=6, vocab_size=80, mode="msg"),
+    # MSG's own ramp form: whole new blocks blended, new heads masked on Q/K/V, new FFN units before the activation.
+    "msg_block_everything": GrowthSpec(
+        hidden_size=48, num_attention_heads=6, intermediate_size=72, num_hidden_layers=5, mode="msg", msg_form="block"
+    ),
+    "msg_keep_readout": GrowthSpec(hidden_size=64, num_attention_heads=8, mode="msg", readout="keep"),
 }
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12)).astype(np.int32)
 
@@ -104,6 +109,18 @@ def test_exact_operators_and_msg_at_zero_preserve_logits_in_float64(name):
             np.testing.assert_allclose(np.asarray(at_one), np.asarray(plain), atol=1e-12)  # rounding only
 
 
+def test_the_two_msg_ramp_forms_agree_at_the_ends_of_the_ramp_and_differ_inside_it():
+    with jax.enable_x64(True):
+        src = SRC.replace(**F64)
+        params = random_params(src)
+        sublayer, block = SPECS["msg_everything"], SPECS["msg_block_everything"]
+        for m, differ in ((0.0, False), (0.5, True), (1.0, False)):
+            a, _ = grown_logits(src, params, sublayer, m)
+            b, _ = grown_logits(src, params, block, m)
+            gap = float(jnp.abs(a - b).max())
+            assert gap > 1e-3 if differ else gap <= 1e-9, (m, gap)
+
+
 @pytest.mark.parametrize("name", ["hidden_heads_new", "hidden_heads_ffn_duplicate", "msg_everything"])
 def test_float32_relative_difference(name):
     params = random_params(SRC)
@@ -137,7 +154,9 @@ def old_part(tree, src, tgt, order):
     return jax.tree_util.tree_map_with_path(cut, tree)
 
 
-@pytest.mark.parametrize("name", ["hidden_heads_new", "ffn_new", "depth_even", "msg_everything"])
+@pytest.mark.parametrize(
+    "name", ["hidden_heads_new", "ffn_new", "depth_even", "msg_everything", "msg_block_everything", "msg_keep_readout"]
+)
 def test_gradients_of_old_entries_are_unchanged(name):
     """Zero padding, zeroed outputs, identity layers and masks at 0 leave every old parameter's gradient as it
     was (docs/growth_math.md); the μP readout rescale divides the head's gradient by the width ratio. (Vocabulary growth
@@ -367,8 +386,8 @@ def test_the_schedule_plot_draws_every_stage_and_marks_each_growth(tmp_path):
 
     growth = {"step": 3, "source_params": 1_000_000, "target_params": 2_000_000}
     rows = [
-        {"stage": 1, "curve": [(1, 7.0, 7.1), (2, 6.0, None), (3, 5.5, 5.6)]},
-        {"stage": 2, "growth": growth, "curve": [(4, 5.4, None), (5, 5.2, 5.3)]},
+        {"stage": 1, "curve": [(1, 7.0, 7.1, 1e9), (2, 6.0, None, 2e9), (3, 5.5, 5.6, 3e9)]},
+        {"stage": 2, "growth": growth, "curve": [(4, 5.4, None, 5e9), (5, 5.2, 5.3, 7e9)]},
     ]
     plot_schedule(rows, tmp_path / "schedule.png")
     import matplotlib.image

@@ -64,7 +64,7 @@ def grow(
     if shardings is not None:
         grow_arrays = jax.jit(grow_arrays, out_shardings=shardings)
     new_params, new_opt = grow_arrays(params, opt_state)
-    ramp = MSGRamp.after_growth(src, order, start_step, spec.ramp_steps) if spec.mode == "msg" else None
+    ramp = MSGRamp.after_growth(src, order, start_step, spec.ramp_steps, spec.msg_form) if spec.mode == "msg" else None
     return GrowthResult(new_params, new_opt, tgt, order, ramp)
 
 

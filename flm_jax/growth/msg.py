@@ -31,10 +31,16 @@ class MSGRamp:
     old_heads: int
     old_ffn: int
     new_layers: tuple[bool, ...]  # per layer of the grown stack: True for a layer the growth added
+    form: str = "sublayer"  # where the masks apply (GrowthMasks); checkpoints from before the option have none
 
     @classmethod
     def after_growth(
-        cls, src: TeleFLMConfig, order: Sequence[tuple[int, bool]], start_step: int, ramp_steps: int
+        cls,
+        src: TeleFLMConfig,
+        order: Sequence[tuple[int, bool]],
+        start_step: int,
+        ramp_steps: int,
+        form: str = "sublayer",
     ) -> MSGRamp:
         return cls(
             int(start_step),
@@ -43,6 +49,7 @@ class MSGRamp:
             src.num_attention_heads,
             src.intermediate_size,
             tuple(bool(new) for _, new in order),
+            form,
         )
 
     @classmethod
@@ -78,6 +85,7 @@ class MSGRamp:
             heads=mask(config.num_attention_heads, self.old_heads),
             ffn=mask(config.intermediate_size, self.old_ffn),
             layers=layers,
+            form=self.form,
         )
 
 

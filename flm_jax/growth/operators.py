@@ -124,7 +124,8 @@ def grow_width(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSp
                 )
                 x = jnp.concatenate([x, fresh], axis=axis)
         if leaf_name(path) == "lm_head" and src.use_mup and tgt.mup_scale_factor != src.mup_scale_factor:
-            # μP readout (docs/growth_math.md): logits = output_mult / mup_scale_factor · U N(x); keep the product.
+            # μP readout rule (GrowthSpec.readout='mup'): logits = output_mult / mup_scale_factor · U N(x); keep the
+            # product.
             ratio = tgt.mup_scale_factor / src.mup_scale_factor
             x = x * {"params": ratio, "mu": 1 / ratio, "nu": 1 / ratio**2}[kind]
         return x

@@ -11,6 +11,14 @@ MODES = ("exact", "msg")
 WIDTH_METHODS = ("new", "duplicate")  # new: fresh units (zero padding / zeroed outputs / masked); duplicate: copies
 LAYER_STRATEGIES = ("stack", "interleave", "even", "distance")
 NEW_MOMENT_POLICIES = ("mean", "zero")
+# How the logit multiplier output_mult / mup_scale_factor follows a hidden-size growth d -> D (docs/growth.md):
+# 'mup' divides it by D/d (μP's readout rule; the LM head is multiplied by D/d so logits are unchanged), 'keep'
+# leaves it and the LM head as they are (also function-preserving).
+READOUT_RULES = ("mup", "keep")
+# MSG ramp forms (docs/growth_math.md): 'sublayer' gates each new layer's attention and MLP outputs and masks new
+# heads / FFN units on their outputs; 'block' is MSG's own: a new layer as m·block(h) + (1-m)·h, new heads masked
+# on Q, K and V, new FFN units before the activation.
+MSG_FORMS = ("sublayer", "block")
 
 
 @gin.configurable
@@ -39,6 +47,8 @@ class GrowthSpec:
     duplicate_noise: float = 0.0  # zero-sum noise on duplicated readers (breaks symmetry, keeps the function)
     new_moments: str = "mean"  # second moment of new entries: mean of the tensor's old v, or zero
     ramp_steps: int = 100  # MSG: steps of the next run over which masks go 0 -> 1
+    msg_form: str = "sublayer"  # see MSG_FORMS
+    readout: str = "mup"  # see READOUT_RULES
     seed: int = 0
     tolerance: float = 1e-3  # refuse to write when max |Δlogit| on the probe batch exceeds this
     expect_source: dict | None = None  # e.g. {"hidden_size": 256}: refuse a source checkpoint of another shape
@@ -52,6 +62,8 @@ class GrowthSpec:
             ("layer_strategy", LAYER_STRATEGIES),
             ("new_moments", NEW_MOMENT_POLICIES),
             ("distance_prefer", ("low", "high")),
+            ("msg_form", MSG_FORMS),
+            ("readout", READOUT_RULES),
         )
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
@@ -102,7 +114,10 @@ def target_config(src: TeleFLMConfig, spec: GrowthSpec) -> TeleFLMConfig:
         if method == "duplicate" and sizes[name] % getattr(src, name):
             raise ConfigError(f"{name}: duplication needs a multiple of the source's {getattr(src, name)}.")
     updates = dict(sizes, num_key_value_heads=H // group)
-    if src.use_mup:  # width_mult = hidden / base_width grows with the hidden size
+    # The μP base shape stays: the width multipliers (fan-in / base fan-in) grow with the model.
+    updates["mup_base_hidden_size"] = src.mup_base_hidden_size or src.hidden_size
+    updates["mup_base_intermediate_size"] = src.mup_base_intermediate_size or src.intermediate_size
+    if src.use_mup and spec.readout == "mup":
         updates["mup_scale_factor"] = src.mup_scale_factor * D / d
     if spec.mode == "exact" and D != d:
         k = D // d if spec.hidden_method == "duplicate" else 1

@@ -6,6 +6,8 @@ state, self-describing metadata) and DIR/config.gin, so `python -m flm_jax.train
 
 μP multipliers:
   teleflm  config.json carries use_mup, input_mult, output_mult, mup_scale_factor; weights are taken as they are.
+           The μP base shape is read from config.json where flm_jax wrote it; a released config has none and gets
+           the release convention (flm_jax.hf.layout.TELEFLM_RELEASE_MUP_BASE, docs/mup.md).
   llama    a plain Llama folder becomes a use_mup=False model with its weights as they are. A folder written by
            `flm_jax.export --format=llama` records the multipliers it folded (config.json 'flm_jax_folded_mup'):
            they are unfolded (embedding / input_mult, head / (output_mult / mup_scale_factor)), giving back the μP
@@ -34,6 +36,7 @@ from flm_jax.hf.layout import (
     LM_HEAD,
     MUP_FIELDS,
     TELEFLM,
+    TELEFLM_RELEASE_MUP_BASE,
     Tensor,
     config_from_hf,
     fold_factor,
@@ -61,7 +64,7 @@ def resolve_mup(hf: dict[str, Any], fmt: str, overrides: dict[str, Any]) -> dict
     if fmt == TELEFLM:
         if overrides:
             raise ConfigError(f"a TeleFLM folder carries its own μP fields; drop {sorted(overrides)}.")
-        return {**defaults, "use_mup": True, **{k: hf[k] for k in MUP_FIELDS if k in hf}}
+        return {**defaults, "use_mup": True, **TELEFLM_RELEASE_MUP_BASE, **{k: hf[k] for k in MUP_FIELDS if k in hf}}
     recorded = {k: v for k, v in (hf.get(FOLDED_MUP_KEY) or {}).items() if k in MUP_FIELDS}
     return {**defaults, **recorded, **overrides}
 

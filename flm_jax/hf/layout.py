@@ -20,12 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.config import MUP_BASE_FIELDS, ConfigError, TeleFLMConfig
 
 LLAMA, TELEFLM = "llama", "teleflm"
 FORMATS = (LLAMA, TELEFLM)
 FOLDED_MUP_KEY = "flm_jax_folded_mup"  # llama config.json: the multipliers folded into the weights
-MUP_FIELDS = ("use_mup", "input_mult", "output_mult", "mup_scale_factor")
+# The μP fields an export records: the released config.json fields, then flm_jax's base shape (docs/mup.md).
+MUP_FIELDS = ("use_mup", "input_mult", "output_mult", "mup_scale_factor", *MUP_BASE_FIELDS)
+# The μP base shape of a released TeleFLM config.json, which records none: width 256 (FLM-101B's proxy width; with it
+# mup_scale_factor = hidden_size / 256 for both FLM-2-52B-Instruct, 32, and Tele-FLM-1T, 80) and FFN 682 (the 52B's
+# 21824 / 32, the same FFN ratio). An assumption: docs/mup.md says why and how to override it.
+TELEFLM_RELEASE_MUP_BASE = {"mup_base_hidden_size": 256.0, "mup_base_intermediate_size": 682.0}
 # Buffers that old Llama checkpoints carry and that hold no parameters.
 IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -193,22 +198,24 @@ def config_from_hf(hf: dict[str, Any], mup: dict[str, Any], runtime: dict[str, A
     if bad:
         raise ConfigError(f"config.json has {bad}; the Tele-FLM architecture needs silu and no biases.")
     heads = int(hf["num_attention_heads"])
-    config = TeleFLMConfig(
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        num_hidden_layers=int(hf["num_hidden_layers"]),
-        num_attention_heads=heads,
-        num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        rope_theta=_rope_theta(hf),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
-        pad_token_id=_token_id(hf, "pad_token_id", 0),
-        bos_token_id=_token_id(hf, "bos_token_id", 1),
-        eos_token_id=_token_id(hf, "eos_token_id", 2),
-        **mup,
-        **runtime,
+    config = TeleFLMConfig.from_dict(  # from_dict: a record without the μP base shape reads as it was written
+        dict(
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_hidden_layers=int(hf["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_theta=_rope_theta(hf),
+            initializer_range=float(hf.get("initializer_range", 0.02)),
+            pad_token_id=_token_id(hf, "pad_token_id", 0),
+            bos_token_id=_token_id(hf, "bos_token_id", 1),
+            eos_token_id=_token_id(hf, "eos_token_id", 2),
+            **mup,
+            **runtime,
+        )
     )
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) != config.head_dim:

@@ -4,7 +4,8 @@ imported checkpoint with a fresh optimizer and the new run's own schedule.
 The source is read as the plain model it computes (flm_jax.growth.fold.plain_source: a grown checkpoint at mask 0 is
 folded, one mid-ramp is refused with the reason). The run's model config must have the source's architecture; only
 the vocabulary may be larger (a chat tokenizer adds marker pieces): then the embedding gets new rows and the LM head
-new zero columns (the growth package's vocabulary padding, docs/growth_math.md §8), so every old logit is kept.
+new zero columns (the growth package's vocabulary padding, docs/growth_math.md §8), so every old logit is kept (not
+the loss: the new tokens' logits, 0, join the softmax normaliser).
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from typing import Any
 
 import jax
 
-from flm_jax.config import RUNTIME_FIELDS, ConfigError, TeleFLMConfig
+from flm_jax.config import MUP_BASE_FIELDS, RUNTIME_FIELDS, ConfigError, TeleFLMConfig
 from flm_jax.growth import GrowthSpec, grow
 from flm_jax.growth.fold import plain_source
 from flm_jax.params import param_shardings
 from flm_jax.partitioning import MeshLayout
 from flm_jax.training.checkpoint_reader import CheckpointReader, read_params
 
-# Fields that plain_source may set on a folded grown model (RMSNorm corrections) and a fine-tuning run inherits.
-INHERITED_FIELDS = ("rms_norm_eps", "rms_norm_scale")
+# Fields that a fine-tuning run inherits from its source: the RMSNorm corrections plain_source may set on a folded
+# grown model, and the μP base shape (so the source's width multipliers carry on).
+INHERITED_FIELDS = ("rms_norm_eps", "rms_norm_scale", *MUP_BASE_FIELDS)
 
 
 def source_params(

@@ -24,19 +24,25 @@ from flm_jax.training.step import lm_loss, make_train_step
 
 
 def width_config(base: TeleFLMConfig, width: int, base_width: int, head_dim: int, mup: bool) -> TeleFLMConfig:
-    """`base` at hidden size `width`: heads of `head_dim`, FFN in the base's ratio (rounded to 8), and under μP
-    width_mult = width / base_width carried as mup_scale_factor (the HF field)."""
+    """`base` at hidden size `width`: heads of `head_dim`, FFN in the base's ratio (rounded to 8); under μP the base
+    shape is `base`'s at width `base_width` (width multipliers width / base_width) and the logit multiplier
+    output_mult / mup_scale_factor falls as 1 / width_mult (μP's readout)."""
     if width % head_dim:
         raise ValueError(f"width {width} is not a multiple of head_dim {head_dim}")
-    ffn = int(round(base.intermediate_size / base.hidden_size * width / 8)) * 8
+
+    def ffn_at(w):
+        return int(round(base.intermediate_size / base.hidden_size * w / 8)) * 8
+
     heads = width // head_dim
     return base.replace(
         hidden_size=width,
-        intermediate_size=ffn,
+        intermediate_size=ffn_at(width),
         num_attention_heads=heads,
         num_key_value_heads=heads,
         use_mup=mup,
         mup_scale_factor=width / base_width if mup else 1.0,
+        mup_base_hidden_size=base_width if mup else None,
+        mup_base_intermediate_size=ffn_at(base_width) if mup else None,
     )
 
 
