@@ -235,7 +235,7 @@ def register_default_tasks(mixture_rates: Mapping[str, float] = DEFAULT_MIXTURE_
     (re-registered on every call, so gin-bound rates take effect). Returns the pretraining names and the mixture's."""
     for domain in corpus.DOMAINS:
         if f"flm_{domain}" not in seqio.TaskRegistry.names():
-            source = seqio.FunctionDataSource(_corpus_dataset_fn(domain), splits=corpus.SPLITS)
+            source = seqio.FunctionDataSource(_corpus_dataset_fn(domain), splits=corpus.READ_SPLITS)
             _add_task(f"flm_{domain}", source, TEXT_KEY, SHUFFLE_BUFFER_SIZE)
     if chat.INSTRUCTIONS_TASK not in seqio.TaskRegistry.names():
         _add_chat_task(chat.INSTRUCTIONS_TASK, chat.INSTRUCTIONS_FILES, False, SHUFFLE_BUFFER_SIZE)

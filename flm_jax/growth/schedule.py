@@ -83,47 +83,62 @@ def run_schedule(workdir: Path, plan: list[dict[str, Any]]) -> list[dict[str, An
             steps=stage["steps"],
             first_loss=logged[0]["loss"] if logged else None,
             last_loss=logged[-1]["loss"] if logged else None,
+            start_val_loss=evaluated[0]["val_loss"] if evaluated else None,
             val_loss=evaluated[-1]["val_loss"] if evaluated else None,
             val_bpb=evaluated[-1]["val_bpb"] if evaluated else None,
             tokens_per_sec=logged[-1]["tokens_per_sec"] if logged else None,
-            curve=[(m["step"], m["loss"], m.get("val_loss")) for m in logged],
+            curve=stage_curve(logged, rows[-1]["curve"][-1] if rows and rows[-1]["curve"] else None),
         )
         rows.append(row)
     return rows
 
 
+def stage_curve(logged: list[dict], previous: list | None) -> list[list]:
+    """[step, training loss, validation loss or None, cumulative training FLOPs] per logged step, the FLOPs
+    counted on from the previous stage's last point (its step and FLOPs)."""
+    step0, flops0 = (previous[0], previous[3]) if previous else (0, 0.0)
+    return [
+        [m["step"], m["loss"], m.get("val_loss"), flops0 + (m["step"] - step0) * m.get("flops_per_step", 0.0)]
+        for m in logged
+    ]
+
+
 def plot_schedule(rows: list[dict[str, Any]], path: Path) -> None:
-    """Training loss (and validation loss where evaluated) against step for every stage, growth points marked."""
+    """Training loss (and validation loss where evaluated) of every stage against step and against training FLOPs,
+    growth points marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for row in rows:
-        if not row["curve"]:
-            continue
-        steps, losses, val = zip(*row["curve"])
-        params = row["growth"]["target_params"] if "growth" in row else None
-        label = f"stage {row['stage']}" + (f" ({params / 1e6:.1f}M)" if params else "")
-        line = ax.plot(steps, losses, marker=".", label=label)[0]
-        evaluated = [(s, v) for s, v in zip(steps, val) if v is not None]
-        if evaluated:
-            ax.plot(*zip(*evaluated), "s--", color=line.get_color(), alpha=0.6, label=f"stage {row['stage']} val")
-        if "growth" in row:
-            g = row["growth"]
-            ax.axvline(g["step"], color="grey", linestyle=":")
-            ax.annotate(
-                f"grow {g['source_params'] / 1e6:.1f}M -> {g['target_params'] / 1e6:.1f}M",
-                (g["step"], 0.98),
-                xycoords=ax.get_xaxis_transform(),  # x in data, y as a fraction of the axes
-                rotation=90,
-                va="top",
-                ha="right",
-                fontsize=8,
-            )
-    ax.set(xlabel="step", ylabel="loss (nats/token)", title="Growth schedule: loss per stage")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    for x, ax in enumerate(axes):  # x: 0 step, 3 FLOPs (the curve's columns)
+        x = 3 * x
+        for row in rows:
+            if not row["curve"]:
+                continue
+            curve = row["curve"]
+            params = row["growth"]["target_params"] if "growth" in row else None
+            label = f"stage {row['stage']}" + (f" ({params / 1e6:.1f}M)" if params else "")
+            line = ax.plot([c[x] for c in curve], [c[1] for c in curve], marker=".", label=label)[0]
+            evaluated = [(c[x], c[2]) for c in curve if c[2] is not None]
+            if evaluated:
+                ax.plot(*zip(*evaluated), "s--", color=line.get_color(), alpha=0.6, label=f"stage {row['stage']} val")
+            if "growth" in row:
+                g = row["growth"]
+                ax.axvline(curve[0][x] if x else g["step"], color="grey", linestyle=":")
+                ax.annotate(
+                    f"grow {g['source_params'] / 1e6:.1f}M -> {g['target_params'] / 1e6:.1f}M",
+                    (curve[0][x] if x else g["step"], 0.98),
+                    xycoords=ax.get_xaxis_transform(),  # x in data, y as a fraction of the axes
+                    rotation=90,
+                    va="top",
+                    ha="right",
+                    fontsize=8,
+                )
+        ax.set(xlabel="training FLOPs" if x else "step", title=f"loss per stage against {'FLOPs' if x else 'step'}")
+    axes[0].set_ylabel("loss (nats/token)")
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -140,14 +155,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 f"{g['max_abs_dlogit']:.2e}, {g['grow_seconds']:.1f} s, peak RSS {g['peak_rss_mib']:.0f} MiB"
             )
     lines.append(
-        f"{'stage':>5} {'to step':>8} {'first loss':>10} {'last loss':>10} {'val loss':>9} {'val bpb':>8} "
-        f"{'tok/s':>7} {'train s':>8}"
+        f"{'stage':>5} {'to step':>8} {'first loss':>10} {'last loss':>10} {'val start':>9} {'val end':>9} "
+        f"{'val bpb':>8} {'tok/s':>7} {'train s':>8}"
     )
     for row in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         lines.append(
             f"{row['stage']:>5} {row['steps']:>8} {fmt(row['first_loss'], '10.4f')} "
-            f"{fmt(row['last_loss'], '10.4f')} {fmt(row['val_loss'], '9.4f')} {fmt(row['val_bpb'], '8.4f')} "
+            f"{fmt(row['last_loss'], '10.4f')} {fmt(row.get('start_val_loss'), '9.4f')} "
+            f"{fmt(row['val_loss'], '9.4f')} {fmt(row['val_bpb'], '8.4f')} "
             f"{fmt(row['tokens_per_sec'], '7.0f')} {fmt(row.get('train_seconds'), '8.1f')}"
         )
     return "\n".join(lines)

@@ -29,6 +29,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0  # evaluate every N steps; always at the first step of a run (the starting point) and the end
     eval_tasks: tuple[str, ...] = ("flm_prose", "flm_code")  # validation loss and BPB per domain
+    eval_split: str = "validation"  # 'minival': the embedded corpus's small fixed validation set (docs/data.md)
+    eval_seq_len: int | None = None  # packed length of validation rows; None: seq_len (stages compare at one length)
     eval_batch_size: int = 16
     checkpoint_every: int = 100
     max_to_keep: int = 3

@@ -44,7 +44,7 @@ def score_sets(
 
 
 class Evaluator:
-    """Validation loss and bits per byte for each eval task, over every validation document."""
+    """Validation loss and bits per byte for each eval task, over every document of its `split`."""
 
     def __init__(
         self,
@@ -55,8 +55,9 @@ class Evaluator:
         layout: MeshLayout,
         mesh,
         params_shardings: Any,
+        split: str = "validation",
     ):
-        self.sets = {task: data.validation_set(task, batch_size, seq_len) for task in tasks}
+        self.sets = {task: data.validation_set(task, batch_size, seq_len, split) for task in tasks}
         self.sharding = batch_sharding(mesh, layout)
         self.config, self.layout, self.mesh, self.params_shardings = config, layout, mesh, params_shardings
         self.use_ramp(None)

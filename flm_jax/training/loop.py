@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 from flm_jax import data
-from flm_jax.config import RUNTIME_FIELDS, ConfigError, TeleFLMConfig, human_count
+from flm_jax.config import MUP_BASE_FIELDS, RUNTIME_FIELDS, ConfigError, TeleFLMConfig, human_count
 from flm_jax.growth.msg import METADATA_KEY, MSGRamp
 from flm_jax.hardware import peak_flops_per_device
 from flm_jax.optim import OptimizerConfig
@@ -33,10 +33,12 @@ from flm_jax.training.step import make_train_step
 
 
 def resolve_model_config(requested: TeleFLMConfig, metadata: dict | None) -> TeleFLMConfig:
-    """On resume the checkpoint must hold the requested architecture; runtime settings (dtype, remat) may change."""
+    """On resume the checkpoint must hold the requested architecture; runtime settings (dtype, remat) may change.
+    A μP base shape the config leaves unset (None) is the checkpoint's."""
     if metadata is None:
         return requested
     saved = TeleFLMConfig.from_dict(metadata["model_config"]).to_dict()
+    requested = requested.replace(**{k: saved[k] for k in MUP_BASE_FIELDS if getattr(requested, k) is None})
     wanted = requested.to_dict()
     differs = {k: (saved[k], wanted[k]) for k in saved if k not in RUNTIME_FIELDS and saved[k] != wanted[k]}
     if differs:
@@ -91,11 +93,12 @@ def train(
                 f"{model_cfg.vocab_size}. Use a model with a larger vocabulary (a chat task needs the chat "
                 "tokenizer's markers: e.g. gin/sft/tiny_sft.gin, vocab_size 2176)."
             )
-    if train_cfg.seq_len > model_cfg.max_position_embeddings:
-        raise ConfigError(
-            f"TrainConfig.seq_len={train_cfg.seq_len} exceeds TeleFLMConfig.max_position_embeddings="
-            f"{model_cfg.max_position_embeddings}."
-        )
+    for name in ("seq_len", "eval_seq_len"):
+        if (getattr(train_cfg, name) or 0) > model_cfg.max_position_embeddings:
+            raise ConfigError(
+                f"TrainConfig.{name}={getattr(train_cfg, name)} exceeds TeleFLMConfig.max_position_embeddings="
+                f"{model_cfg.max_position_embeddings}."
+            )
     # After a growth, this stage's learning-rate schedule starts at the step the checkpoint was grown at.
     spec = StateSpec.build(
         model_cfg, optimizer_cfg, mesh, layout, train_cfg.steps, saved_meta.get("stage_start_step", 0)
@@ -184,11 +187,12 @@ class TrainLoop:
             Evaluator(
                 train_cfg.eval_tasks,
                 train_cfg.eval_batch_size,
-                train_cfg.seq_len,
+                train_cfg.eval_seq_len or train_cfg.seq_len,
                 model_cfg,
                 layout,
                 mesh,
                 spec.shardings["params"],
+                train_cfg.eval_split,
             )
             if train_cfg.eval_tasks
             else None
@@ -255,6 +259,7 @@ class TrainLoop:
                         "step_time_s": step_time,
                         "tokens_per_sec": self.tokens_per_step / step_time,
                         "mfu": self.flops_per_step / step_time / self.peak,
+                        "flops_per_step": self.flops_per_step,
                         "batch_crc32": crc,
                         "data_batches_consumed": batches.batches_consumed,
                     }
