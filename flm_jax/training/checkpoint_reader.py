@@ -7,6 +7,9 @@ chunks (flm_jax/training/checkpoint.py), so reading layer i decompresses layer i
 
 A grown checkpoint in the middle of its MSG ramp is not a plain model: `flm_jax.growth.fold.plain_source` turns a
 reader into the plain model it computes (or refuses).
+
+`read_train_state` restores a whole small checkpoint instead (parameters and optimizer state) onto one device,
+with no gin config and no mesh: what notebooks/inspect_pytrees.ipynb looks at.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import numpy as np
 import tensorstore as ts
 
 from flm_jax.config import TeleFLMConfig
+from flm_jax.optim import OptimizerConfig
 from flm_jax.params import boxed_abstract_params
+from flm_jax.partitioning import MeshLayout, logical_specs, make_mesh
 from flm_jax.training.checkpoint import Checkpointer, checkpoint_dir
+from flm_jax.training.state import StateSpec, TrainState
 
 TreePath = tuple[str, ...]
 
@@ -102,3 +108,30 @@ def read_params(source: ParamSource) -> dict:
     """The whole parameter tree as nested dicts of numpy arrays (small models: generate, tests)."""
     abstract = nn.meta.unbox(boxed_abstract_params(source.config))
     return jax.tree_util.tree_map_with_path(lambda path, _: source.read(tuple(str(k.key) for k in path)), abstract)
+
+
+def read_train_state(workdir: str | Path, step: int | None = None) -> tuple[TeleFLMConfig, TrainState, dict[str, Any]]:
+    """(model config, train state {'step', 'params', 'opt_state'}, metadata) of one checkpoint step (default: the
+    latest), restored whole onto the default device: no gin config and no mesh needed, the metadata gives the
+    shapes. The optimizer's settings never change its state's structure (flm_jax/optim.py), so the defaults
+    restore any run's moments. Small models only: every array lands on that one device."""
+    reader = CheckpointReader(workdir, step)  # checks the folder and the step, reads the metadata
+    device = jax.devices()[0]
+    layout = MeshLayout(mesh_shape={"data": 1}, rules=())  # explicit: gin bindings in the process never apply
+    spec = StateSpec.build(reader.config, OptimizerConfig(), make_mesh(layout, [device]), layout, reader.step + 1)
+    on_device = jax.sharding.SingleDeviceSharding(device)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), spec.abstract
+    )
+    ckpt = Checkpointer(workdir, async_save=False)
+    try:
+        state, _, metadata = ckpt.restore(reader.step, abstract)
+    finally:
+        ckpt.close()
+    return reader.config, state, metadata
+
+
+def param_logical_axes(config: TeleFLMConfig) -> Any:
+    """Each parameter's logical axis names as a PartitionSpec (e.g. PartitionSpec('layers', 'embed', 'heads',
+    'head_dim')), in the parameter tree's structure; Adam's mu and nu have the same tree and axes."""
+    return logical_specs(boxed_abstract_params(config))
