@@ -127,6 +127,17 @@ def test_validation_bytes_match_an_independent_count():
     assert sum(int((b["targets"] == data.EOS_ID).sum()) for b in val.batches) >= len(rows)
 
 
+def test_minival_is_the_first_validation_documents_up_to_its_byte_budget():
+    for domain in data.DOMAINS:
+        rows = [r for r in _snapshot_rows(domain) if r["split"] == "validation"]
+        sizes = [len(r["text"].encode("utf-8")) for r in rows]
+        n = max(1, max(k for k in range(len(rows) + 1) if sum(sizes[:k]) <= corpus.MINIVAL_BYTES))
+        val = data.validation_set(f"flm_{domain}", batch_size=8, seq_len=256, split=corpus.MINIVAL)
+        assert val.num_documents == n < len(rows) and val.num_bytes == sum(sizes[:n])
+        sp = data.load_sentencepiece()
+        assert val.num_tokens == sum(len(sp.encode(r["text"])) + 1 for r in rows[:n])
+
+
 def test_bits_per_byte():
     assert data.bits_per_byte(math.log(2) * 300, 100) == pytest.approx(3.0)
     with pytest.raises(ValueError):
