@@ -83,7 +83,8 @@ def recipes(ramp: int) -> dict[str, tuple[dict, Recipe]]:
     }
 
 
-def ablate(setting: dict, seeds: int) -> dict:
+def ablate(setting: dict, seeds: int, only: list[str] = ()) -> dict:
+    """Every recipe (or those whose names contain a word of `only`; the base recipe always runs) on `seeds` seeds."""
     s = setting
     small = proxy_config(s["width"], s["width"], s["layers"], s["head_dim"], s["seq_len"])
     target = dict(
@@ -98,14 +99,19 @@ def ablate(setting: dict, seeds: int) -> dict:
     total = s["steps1"] + s["steps2"]
     # One schedule over both stages: the rate the small model trains with is the scratch run's, whatever follows.
     optimizer = OptimizerConfig(peak_learning_rate=PEAK_LR, warmup_steps=20, schedule="cosine", decay_steps=total - 20)
-    table = {name: {"final": [], "jump": [], "seconds": []} for name in recipes(s["ramp"])}
+    chosen = {
+        name: recipe
+        for i, (name, recipe) in enumerate(recipes(s["ramp"]).items())
+        if i == 0 or not only or any(word in name for word in only)
+    }
+    table = {name: {"final": [], "jump": [], "seconds": []} for name in chosen}
     every = min(25, s["steps2"])
     curves = {}
     for seed in range(seeds):
         train_batch, eval_batches = experiment_data(s["batch"], s["seq_len"], total, s["evals"], seed)
         _, trained = run_schedule(small, [Stage(s["steps1"])], optimizer, train_batch, eval_batches, every, seed)
         print(f"seed {seed}: small model {trained['curve'].final_loss:.4f} at step {s['steps1']}", flush=True)
-        for name, (fields, recipe) in recipes(s["ramp"]).items():
+        for name, (fields, recipe) in chosen.items():
             started = time.time()
             spec = GrowthSpec(**{**target, **fields}, seed=seed)
             curve, _ = run_schedule(
@@ -161,19 +167,22 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(14, 5))
-    items = sorted(result["recipes"].items(), key=lambda kv: kv[1]["final_loss"])
-    names = [n for n, _ in items]
+    items = sorted(result["recipes"].items(), key=lambda kv: kv[1]["vs_base"])
     bars.barh(
-        names, [r["final_loss"] for _, r in items], xerr=[r["final_loss_std"] for _, r in items], color="tab:blue"
+        [n for n, _ in items],
+        [r["vs_base"] for _, r in items],
+        xerr=[r["vs_base_std"] for _, r in items],
+        color=["tab:green" if r["vs_base"] < 0 else "tab:red" for _, r in items],
     )
-    low = min(r["final_loss"] - 2 * r["final_loss_std"] for _, r in items)
-    high = max(r["final_loss"] + 2 * r["final_loss_std"] for _, r in items)
-    bars.set(xlim=(low, high), xlabel="final validation loss (nats/token), mean ± std over seeds")
+    bars.axvline(0, color="black", lw=0.8)
+    bars.set(xlabel="final validation loss - base recipe's, same seed (mean ± std over seeds)")
     bars.invert_yaxis()
     bars.tick_params(axis="y", labelsize=8)
+    grown_from = result["setting"]["steps1"]
     for name, curve in result["curves"].items():
-        lines.plot(curve["steps"], curve["val_loss"], label=name, lw=1)
-    lines.set(xlabel="step", ylabel="validation loss", title="after growth (seed 0)")
+        points = [(s, v) for s, v in zip(curve["steps"], curve["val_loss"]) if s >= grown_from]
+        lines.plot(*zip(*points), label=name, lw=1)
+    lines.set(xlabel="step", ylabel="validation loss", title=f"after growth at step {grown_from} (seed 0)")
     lines.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -181,11 +190,13 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    args = experiment_flags(
-        __doc__.split("\n")[0], lambda p: p.add_argument("--seeds", type=int, default=3, help="seeds per recipe")
-    )
+    def add_flags(p):
+        p.add_argument("--seeds", type=int, default=3, help="seeds per recipe")
+        p.add_argument("--only", default="", help="comma-separated words: run the recipes whose names contain one")
+
+    args = experiment_flags(__doc__.split("\n")[0], add_flags)
     started = time.time()
-    result = ablate(SETTINGS[args.setting], 1 if args.smoke else args.seeds)
+    result = ablate(SETTINGS[args.setting], 1 if args.smoke else args.seeds, [w for w in args.only.split(",") if w])
     result["wall_seconds"] = time.time() - started
     (args.out / "growth_ablations.json").write_text(json.dumps(result, indent=1))
     (args.out / "growth_ablations.md").write_text(markdown(result))

@@ -255,8 +255,8 @@ def compute_saving(scratch: Curve, grown: Curve) -> dict[str, Any]:
     the FLOPs the grown schedule needed), else the grown schedule's final loss (then: the FLOPs the scratch run
     needed to reach it / all the grown schedule's FLOPs). Above 1, growing saved compute; below 1, it cost more."""
     needed = grown.flops_to_reach(scratch.final_loss)
-    if needed is not None:
-        saving = scratch.flops[-1] / needed
+    if needed is not None:  # (needed 0: the grown schedule started at that loss, an untrained scratch run)
+        saving = scratch.flops[-1] / needed if needed > 0 else float("inf")
         return {"compute_saving": saving, "grown_reached_scratch_loss": True, "matched_loss": scratch.final_loss}
     scratch_needed = scratch.flops_to_reach(grown.final_loss)
     saving = (scratch_needed if scratch_needed is not None else float("inf")) / grown.flops[-1]
