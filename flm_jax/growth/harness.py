@@ -77,9 +77,6 @@ class Curve:
         self.seconds.append(seconds)
         self.val_loss.append(val)
 
-    def at_step(self, step: int) -> float:
-        return self.val_loss[self.steps.index(step)]
-
     @property
     def final_loss(self) -> float:
         return self.val_loss[-1]

@@ -30,7 +30,10 @@ class GrowthSpec:
       eps correction, or k-fold duplication (+ zero padding of the remainder); new FFN units / heads with zeroed
       output weights, or duplicated units split between copies; new layers copied with zeroed output
       projections. 'msg': Masked Structural Growth: new structure keeps random weights and is multiplied by a mask
-      that ramps 0 -> 1 over `ramp_steps` of the next run.
+      that ramps 0 -> 1 over `ramp_steps` of the next run (`msg_form` says where the masks apply).
+    The μP base shape is kept (the grown model's width multipliers are a fresh model's); `readout` says what happens
+    to the logit multiplier. gin/growth/ ships the recipe that won experiments/growth_ablations.py (docs/growth.md):
+    layer_strategy 'distance' and new_moments 'zero'; the code defaults are the plain MSG recipe it was compared with.
     """
 
     hidden_size: int | None = None
