@@ -3,7 +3,7 @@
 Fields that exist in a released TeleFLM config.json keep its name (flm_jax/hf/layout.py writes them). The shape
 fields have no default: a run whose gin files include no model (gin/models/*.gin) stops with an error naming the
 missing fields, instead of silently building some default size. The few runtime-only settings (compute/param
-dtype, remat policy) are grouped at the end and never exported.
+dtype, remat policy, attention implementation) are grouped at the end and never exported.
 """
 
 from __future__ import annotations
@@ -15,9 +15,21 @@ import gin
 
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
-# Which intermediate values a layer keeps for the backward pass (see model.py and plan.py).
-REMAT_POLICIES = ("none", "full", "dots")
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy")
+# Which intermediate values a layer keeps for the backward pass (model.checkpoint_policy; plan.py estimates them):
+#   none          everything; nothing is recomputed
+#   full          only the layer input; the whole layer is recomputed
+#   dots          every matmul output, attention scores included
+#   minimal       the weight matmuls' outputs (dots without batch dimensions); attention is recomputed
+#   save_attn     only the attention output (splash: and its logsumexp, so its forward kernel is not re-run)
+#   offload_attn  as save_attn, but kept in pinned host memory instead of device memory
+REMAT_POLICIES = ("none", "full", "dots", "minimal", "save_attn", "offload_attn")
+# How attention is computed (model.ATTENTION_CORES); all agree to rounding, so any can run any checkpoint:
+#   einsum       the reference: float32 scores, a dense mask, softmax
+#   dot_product  jax.nn.dot_product_attention (XLA; it groups kv heads itself)
+#   splash       the Pallas splash attention kernel on TPU (interpreted elsewhere: slow, for tests); decoding from a
+#                KV cache runs einsum
+ATTENTION_IMPLS = ("einsum", "dot_product", "splash")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 MUP_BASE_FIELDS = ("mup_base_hidden_size", "mup_base_intermediate_size")
 
 
@@ -62,6 +74,7 @@ class TeleFLMConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "full"  # see REMAT_POLICIES
+    attention_impl: str = "einsum"  # see ATTENTION_IMPLS
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -110,6 +123,11 @@ class TeleFLMConfig:
                 raise ConfigError(f"TeleFLMConfig.{name}={getattr(self, name)!r} is not one of {DTYPES}.")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"TeleFLMConfig.remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}.")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"TeleFLMConfig.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}; "
+                "'einsum' is the reference, 'splash' is for TPUs."
+            )
         for name in ("rms_norm_eps", "rms_norm_scale", "rope_theta", "mup_scale_factor"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"TeleFLMConfig.{name} must be > 0, got {getattr(self, name)!r}.")

@@ -1,8 +1,8 @@
 """Import Hugging Face weights: `python -m flm_jax.import_hf --hf_dir=HF_DIR --workdir=DIR`.
 
 Writes DIR/checkpoints/0 and DIR/config.gin (flm_jax.hf.importer), so `python -m flm_jax.train --workdir=DIR`
-continues from it. Runtime settings (TeleFLMConfig.dtype, param_dtype, remat_policy) and the mesh come from
---gin_file/--gin.X; the model's shape and μP fields come from the folder (see docs/export.md).
+continues from it. Runtime settings (TeleFLMConfig.dtype, param_dtype, remat_policy, attention_impl) and the mesh
+come from --gin_file/--gin.X; the model's shape and μP fields come from the folder (see docs/export.md).
 """
 
 from __future__ import annotations

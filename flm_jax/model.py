@@ -4,6 +4,8 @@ Pre-norm Llama-style blocks (RMSNorm with float32 statistics, RoPE on the full h
 untied embedding and LM head, μP multipliers (embedding x input_mult, logits x output_mult / mup_scale_factor).
 The layer stack runs under `nn.scan`, so every per-layer parameter has a leading 'layers' axis and depth compiles
 once. Every parameter and the main activations carry logical axis names (see partitioning.py for the table).
+Attention itself (q, k, v and a mask -> output) is one of flm_jax.attention's cores, chosen by
+TeleFLMConfig.attention_impl.
 
 Shape suffixes: b batch, t/s query/key positions, d hidden, h query heads, k kv heads, g heads per kv group,
 e head_dim, f FFN units, v vocab.
@@ -18,6 +20,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flm_jax.attention import (
+    ATTENTION_CORES,
+    ATTENTION_OUT,
+    AttentionMask,
+    cache_attention_mask,
+    self_attention_mask,
+)
 from flm_jax.config import TeleFLMConfig
 from flm_jax.mup import init_std
 
@@ -103,15 +112,6 @@ def apply_rope(x_bthe: Array, cos_bte: Array, sin_bte: Array) -> Array:
     return out.astype(x_bthe.dtype)
 
 
-def attention_mask(segment_ids_bt: Array) -> Array:
-    """[b, 1, 1, t, s] boolean: causal, within one segment, and never to padding (segment id 0)."""
-    t = segment_ids_bt.shape[1]
-    causal_ts = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    not_padding_bs = (segment_ids_bt != 0)[:, None, :]
-    return (causal_ts[None] & same_segment_bts & not_padding_bs)[:, None, None]
-
-
 class Attention(nn.Module):
     config: TeleFLMConfig
 
@@ -119,7 +119,7 @@ class Attention(nn.Module):
     def __call__(
         self,
         x_btd: Array,
-        mask: Array,
+        mask: AttentionMask,
         cos_bte: Array,
         sin_bte: Array,
         heads_mask_h: Array | None = None,
@@ -128,9 +128,10 @@ class Attention(nn.Module):
         mask_qkv: bool = False,
     ) -> tuple[Array, tuple[Array, Array]]:
         """-> (output, (keys, values)). With a cache (one layer's keys and values [b, s, k, e]), this call's keys and
-        values are written at each row's cache length and the queries attend over the whole cache (mask says which
-        positions count); the returned keys and values are then the updated cache. A heads mask scales each head's
-        output, or its queries, keys and values with mask_qkv (new heads come in whole kv groups)."""
+        values are written at each row's cache length and the queries attend over the whole cache; the returned keys
+        and values are then the updated cache. mask says which positions count and which attention core runs. A
+        heads mask scales each head's output, or its queries, keys and values with mask_qkv (new heads come in whole
+        kv groups)."""
         cfg = self.config
         d, h, k, e = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_w = _param(self, "q_proj", ("embed", "heads", "head_dim"), (d, h, e))
@@ -157,14 +158,7 @@ class Attention(nn.Module):
             k_bske = nn.with_logical_constraint(write_rows(cache[0], k_bske, cache_lengths_b), cache_axes)
             v_bske = nn.with_logical_constraint(write_rows(cache[1], v_bske, cache_lengths_b), cache_axes)
 
-        b, t = x_btd.shape[:2]
-        q_btkge = q_bthe.reshape(b, t, k, h // k, e)
-        acc = stats_dtype(cfg)
-        scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske).astype(acc) / jnp.sqrt(e).astype(acc)
-        scores_bkgts = jnp.where(mask, scores_bkgts, jnp.finfo(acc).min)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dt)
-        out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
-        out_bthe = out_btkge.reshape(b, t, h, e)
+        out_bthe = ATTENTION_CORES[mask.core](q_bthe, k_bske, v_bske, mask)
         if heads_mask_h is not None and not mask_qkv:
             out_bthe = out_bthe * heads_mask_h[:, None].astype(dt)
         out_bthe = nn.with_logical_constraint(out_bthe, ("act_batch", "act_length", "act_heads", "act_head_dim"))
@@ -207,7 +201,7 @@ class DecoderLayer(nn.Module):
     def __call__(
         self,
         x_btd: Array,
-        mask: Array,
+        mask: AttentionMask,
         cos_bte: Array,
         sin_bte: Array,
         masks: GrowthMasks | None,
@@ -256,11 +250,27 @@ def _sow_rms(module: nn.Module, name: str, x: Array) -> None:
 
 
 def remat_layer(policy: str) -> type[nn.Module]:
-    """DecoderLayer wrapped in the configured rematerialisation policy."""
+    """DecoderLayer wrapped in the configured rematerialisation policy (config.REMAT_POLICIES says what each keeps)."""
     if policy == "none":
         return DecoderLayer
-    saveable = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[policy]
-    return nn.remat(DecoderLayer, policy=saveable, prevent_cse=False)
+    return nn.remat(DecoderLayer, policy=checkpoint_policy(policy), prevent_cse=False)
+
+
+def checkpoint_policy(policy: str):
+    """The jax.checkpoint policy of a remat policy other than 'none' (None saves nothing but the layer input)."""
+    policies = jax.checkpoint_policies
+    return {
+        "full": None,
+        "dots": policies.checkpoint_dots,
+        "minimal": policies.checkpoint_dots_with_no_batch_dims,
+        "save_attn": policies.save_only_these_names(ATTENTION_OUT),
+        "offload_attn": policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=[ATTENTION_OUT],
+            offload_src="device",
+            offload_dst="pinned_host",
+        ),
+    }[policy]
 
 
 class TeleFLM(nn.Module):
@@ -292,14 +302,13 @@ class TeleFLM(nn.Module):
         cfg = self.config
         if kv_cache is not None:  # positions continue each row; keys count up to the query's own position
             positions_bt = kv_cache.lengths[:, None] + jnp.arange(tokens_bt.shape[1])[None]
-            cache_size = kv_cache.keys.shape[2]
-            mask = (jnp.arange(cache_size)[None, None, :] <= positions_bt[:, :, None])[:, None, None]
+            mask = cache_attention_mask(cfg.attention_impl, positions_bt, kv_cache.keys.shape[2])
         else:
             if segment_ids_bt is None:
                 segment_ids_bt = jnp.ones_like(tokens_bt)
             if positions_bt is None:
                 positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
-            mask = attention_mask(segment_ids_bt)
+            mask = self_attention_mask(cfg.attention_impl, segment_ids_bt)
 
         embedding_vd = _param(self, "embed_tokens", ("vocab", "embed"), (cfg.vocab_size, cfg.hidden_size))
         x_btd = jnp.take(embedding_vd, tokens_bt, axis=0).astype(cfg.dtype) * cfg.embedding_scale

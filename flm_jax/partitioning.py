@@ -59,7 +59,9 @@ class MeshLayout:
 
     mesh_shape maps mesh axis -> size; at most one size may be -1 ("all remaining devices"). Axes left out have
     size 1. device_memory_gib is the memory of one accelerator, used by `flm_jax.plan` to say whether a model fits.
-    num_devices fixes the device count for planning on an abstract mesh when mesh_shape uses -1.
+    num_devices fixes the device count for planning on an abstract mesh when mesh_shape uses -1. topology names the
+    TPU slice the layout is for (a Cloud TPU name such as "v5p-2048", flm_jax.topology): `flm_jax.plan --compile`
+    compiles for it unless --topology says otherwise.
     """
 
     name: str = "single"
@@ -67,6 +69,7 @@ class MeshLayout:
     rules: Rules = ()
     device_memory_gib: float | None = None
     num_devices: int | None = None
+    topology: str | None = None
 
     def __post_init__(self):
         unknown = sorted(set(self.mesh_shape) - set(MESH_AXES))

@@ -3,11 +3,18 @@
 
 Parameters and their shards come from `jax.eval_shape` of the real model on a `jax.sharding.AbstractMesh`, so the
 per-device numbers are the shapes the training step would use. Memory per device:
-  params      shard elements x param_dtype bytes
-  optimizer   AdamW first and second moments in float32 (8 bytes per shard element)
-  gradients   shard elements x param_dtype bytes (+ a float32 accumulator when microbatching)
-  activations what the backward pass keeps under the remat policy (an estimate, see `activation_bytes`), plus the
-              working set of one layer being recomputed and the float32 logits of one microbatch.
+  params            shard elements x param_dtype bytes
+  optimizer         AdamW first and second moments in float32 (8 bytes per shard element)
+  gradients         shard elements x param_dtype bytes (+ a float32 accumulator when microbatching)
+  optimizer_update  the float32 update of every shard element, computed before it is applied
+  gathered_weights  FSDP all-gathers each layer's weights inside the layer scan: two layers in the compute dtype
+                    (the one in use and the next one in flight), split only by the non-FSDP axes
+  layer_gradient    float32 gradients of two gathered layers: one being reduce-scattered while the backward pass
+                    computes the next
+  activations       what the backward pass keeps under the remat policy (`activation_bytes`), plus the working
+                    set of one layer being recomputed and the float32 logits of one microbatch.
+`python -m flm_jax.plan --compile` compiles the real step for a TPU slice and prints this estimate beside XLA's
+figures (flm_jax.aot; docs/scaling.md has the comparison for the three Tele-FLM stages).
 """
 
 from __future__ import annotations
@@ -36,32 +43,62 @@ def axis_split(layout: MeshLayout, mesh, logical: str) -> int:
     return 1
 
 
+def gathered_layer_elements(shardings_tree, abstract_tree, layout: MeshLayout, num_layers: int) -> float:
+    """Elements of one layer's weights on a device once the FSDP axes are gathered: each per-layer parameter
+    divided only by its non-FSDP mesh axes (tensor parallelism), averaged over the layer stack."""
+    fsdp_axes = set(dict(layout.rules).get("embed") or ())
+    leaves = jax.tree_util.tree_leaves(abstract_tree["layers"])
+    shards = jax.tree_util.tree_leaves(shardings_tree["layers"], is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    total = 0.0
+    for leaf, sharding in zip(leaves, shards):
+        sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
+        split = math.prod(sizes[a] for axes in sharding.spec for a in _axes(axes) if a not in fsdp_axes)
+        total += math.prod(leaf.shape) / split
+    return total / num_layers
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def activation_bytes(
     cfg: TeleFLMConfig, tokens: int, seq_len: int, tp_heads: int, tp_mlp: int, tp_vocab: int
 ) -> dict[str, float]:
-    """Bytes kept for the backward pass of one microbatch of `tokens` tokens on one device (estimate).
+    """Bytes the backward pass of one microbatch of `tokens` tokens holds on one device (estimate).
 
-    Per token and layer, with a = compute-dtype bytes, d hidden, q/kv query/kv widths, f FFN, h heads, S seq_len:
-      full   a·d                                  (only the layer input; the layer is recomputed)
-      dots   a·(3d + q + 2kv + q + 2f) + a·h·S      (matmul outputs, attention scores included)
-      none   everything the layer computes: norms, q/k/v before and after RoPE, float32 scores and probabilities,
-             attention output, gate, up, silu(gate)·up, residuals.
-    The recompute working set of one layer (the 'none' footprint) is added for 'full' and 'dots'.
+    Per token, with a = compute-dtype bytes, d hidden, q/kv query/kv widths, f FFN units (all per device), and
+    P = float32 bytes of one score matrix row (heads x seq_len; 0 with splash attention, which never builds one):
+      one layer, all of it  a·(6d + 2(q + 2kv) + q + 4f) + 2P: norms, q/k/v before and after RoPE, scores and
+                            probabilities, attention output, gate, up, silu(gate)·up, residuals
+      saved per layer       none: all of it; full: a·d (the input); minimal: a·(2d + q + 2kv + 2f) (the input
+                            and the weight matmuls' outputs that the backward pass reads: q, k, v, o, gate, up);
+                            dots: minimal + a·(P/4 + q) (the score and value matmuls too); save_attn: a·(d + q);
+                            offload_attn: a·d (the attention output goes to host memory)
+    The backward pass of one rematerialised layer also rebuilds what its policy did not save (one layer whole
+    less the saved part), and the loss holds the logits (in the compute dtype, as the LM head's matmul gives them)
+    and their float32 gradient; XLA fuses the float32 softmax into them.
     """
     a = jnp.dtype(cfg.dtype).itemsize
-    d, f, h, S = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, seq_len
-    q = h * cfg.head_dim / tp_heads
-    kv = cfg.num_key_value_heads * cfg.head_dim / tp_heads
-    scores = h * S / tp_heads
-    f_local = f / tp_mlp
-    none = a * (6 * d + 2 * (q + 2 * kv) + q + 4 * f_local) + 4 * 2 * scores
-    per_layer = {"none": none, "dots": a * (3 * d + 2 * q + 2 * kv + 2 * f_local + scores), "full": a * d}[
-        cfg.remat_policy
-    ]
-    layers = cfg.num_hidden_layers * tokens * per_layer
-    working = 0.0 if cfg.remat_policy == "none" else tokens * none
-    logits = tokens * cfg.vocab_size / tp_vocab * 4 * 3  # logits, softmax and their gradient in float32
-    return {"saved_layers": layers, "layer_working_set": working, "logits": logits}
+    d, f, h = cfg.hidden_size, cfg.intermediate_size / tp_mlp, cfg.num_attention_heads / tp_heads
+    q = h * cfg.head_dim
+    kv = cfg.num_key_value_heads / tp_heads * cfg.head_dim
+    score_row = 0.0 if cfg.attention_impl == "splash" else 4 * h * seq_len
+    whole_layer = a * (6 * d + 2 * (q + 2 * kv) + q + 4 * f) + 2 * score_row
+    minimal = a * (2 * d + q + 2 * kv + 2 * f)
+    saved = {
+        "none": whole_layer,
+        "full": a * d,
+        "dots": minimal + a * (score_row / 4 + q),
+        "minimal": minimal,
+        "save_attn": a * (d + q),
+        "offload_attn": a * d,
+    }[cfg.remat_policy]
+    working = 0.0 if cfg.remat_policy == "none" else max(whole_layer - saved, 0.0)
+    return {
+        "saved_layers": cfg.num_hidden_layers * tokens * saved,
+        "layer_working_set": tokens * working,
+        "logits": tokens * cfg.vocab_size / tp_vocab * (a + 4),
+    }
 
 
 def make_plan(
@@ -92,10 +129,14 @@ def make_plan(
         )
     tokens_per_microbatch = batch_size // split // num_microbatches * seq_len
     p_bytes = jnp.dtype(cfg.param_dtype).itemsize
+    layer_elements = gathered_layer_elements(shardings, abstract, layout, cfg.num_hidden_layers)
     memory = {
         "params": params_per_device * p_bytes,
         "optimizer": params_per_device * ADAM_BYTES_PER_PARAM,
         "gradients": params_per_device * (p_bytes + (4 if num_microbatches > 1 else 0)),
+        "optimizer_update": params_per_device * 4,
+        "gathered_weights": 2 * layer_elements * jnp.dtype(cfg.dtype).itemsize,
+        "layer_gradient": 2 * layer_elements * 4,
     }
     memory.update(
         activation_bytes(
@@ -107,7 +148,11 @@ def make_plan(
             axis_split(layout, mesh, "act_vocab"),
         )
     )
-    total = sum(memory.values())
+    # The optimizer update runs after the last microbatch's backward pass has freed its activations: the peak is
+    # the larger of the two phases, on top of the state.
+    state = memory["params"] + memory["optimizer"]
+    update_phase = memory["gradients"] + memory["optimizer_update"]
+    total = state + max(sum(memory.values()) - state - memory["optimizer_update"], update_phase)
     budget = layout.device_memory_gib
     return {
         "params_total": params_total,
@@ -141,4 +186,33 @@ def format_plan(plan: dict[str, Any]) -> str:
     verdict = "" if plan["fits"] is None else ("  fits" if plan["fits"] else "  DOES NOT FIT")
     budget = "" if plan["device_memory_gib"] is None else f" of {plan['device_memory_gib']} GiB"
     lines.append(f"  {'total':<18}{plan['total_gib_per_device']:10.2f} GiB{budget}{verdict}")
+    return "\n".join(lines)
+
+
+def format_comparison(plan: dict[str, Any]) -> str:
+    """The estimate and the compiled step's per-chip memory side by side, then the compiled step's FLOPs and time."""
+    c = plan["compiled"]
+    lines = [
+        format_plan(plan),
+        "",
+        f"compiled        {c['topology']} ({c['topology_name']}, {c['num_chips']} chips, {c['num_hosts']} hosts) "
+        f"in {c['compile_seconds']:.0f} s",
+        f"  {'arguments':<18}{c['argument_gib']:10.2f} GiB",
+        f"  {'outputs':<18}{c['output_gib']:10.2f} GiB",
+        f"  {'aliased (donated)':<18}{c['alias_gib']:10.2f} GiB",
+        f"  {'temporaries':<18}{c['temp_gib_per_device']:10.2f} GiB",
+        f"  {'code':<18}{c['code_gib']:10.2f} GiB",
+        f"  {'total':<18}{c['total_gib_per_device']:10.2f} GiB of {c['hbm_gib']} GiB"
+        f"  {'fits' if c['fits'] else 'DOES NOT FIT'}",
+        f"estimate        {plan['total_gib_per_device']:.2f} GiB, {plan['estimate_error']:+.1%} against the compiler",
+        f"flops per chip  {c['flops_per_device']:.3e} per step (compiler's analysis x {c['loop_scale']:.1f} for "
+        f"loop trip counts); model {c['model_flops_per_device']:.3e}",
+        f"step time       {c['step_time_at_peak_s']:.2f} s at the peak {c['peak_flops_per_device']:.3g} FLOP/s per "
+        f"chip, MFU {c['mfu_at_peak']:.1%} at best",
+    ]
+    if c["uncounted_kernels"]:
+        lines.append(
+            f"                (without the FLOPs of {', '.join(c['uncounted_kernels'])}: Pallas kernels that declare "
+            "no cost, so the time is low and the MFU high by their share)"
+        )
     return "\n".join(lines)

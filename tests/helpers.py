@@ -100,6 +100,26 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+def randomise(params, seed):
+    """Random values for every leaf, norm gains around 1, so that no term of the math can hide."""
+
+    def draw(path, x):
+        key = jax.random.fold_in(jax.random.key(seed), hash(jax.tree_util.keystr(path)) % 2**31)
+        noise = jax.random.normal(key, x.shape)
+        return 1.0 + 0.2 * noise if path[-1].key == "scale" else 0.08 * noise
+
+    return jax.jit(lambda p: jax.tree_util.tree_map_with_path(draw, p))(params)  # one compile, not one per shape
+
+
+def packed_positions(segments: np.ndarray) -> np.ndarray:
+    """Positions that restart at every segment of packed rows [b, t]."""
+    pos = np.zeros_like(segments)
+    for b, row in enumerate(segments):
+        for t in range(1, len(row)):
+            pos[b, t] = pos[b, t - 1] + 1 if row[t] == row[t - 1] else 0
+    return pos
+
+
 def run_module(module: str, *args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m module args...` from the repository root (the test process's XLA flags unless env says)."""
     return subprocess.run(

@@ -17,6 +17,7 @@ from flm_jax.optim import OptimizerConfig
 from flm_jax.params import boxed_abstract_params, count_params
 from flm_jax.partitioning import MeshLayout
 from flm_jax.planning import make_plan
+from flm_jax.topology import parse_slice
 from flm_jax.training.config import TrainConfig
 from tests.helpers import MODEL, run_module
 
@@ -210,3 +211,23 @@ def test_tools_that_never_read_data_parse_run_configs_without_tensorflow():
 
     registered = {name for name in dir(tasks) if name.startswith("register_")}
     assert set(DATA_CONFIGURABLES) == registered
+
+
+def test_tpu_slice_names_give_chips_torus_and_hosts():
+    assert parse_slice("v5p-2048").shape == (8, 8, 16)  # v5p names count TensorCores: 1024 chips
+    assert (parse_slice("v5p-128").num_chips, parse_slice("v5p-128").num_hosts) == (64, 16)
+    assert parse_slice("v5e-256").topology_name == "v5e:16x16" and parse_slice("v5e-256").chip.hbm_gib == 16.0
+    assert parse_slice("v5litepod-16").num_chips == 16
+    assert parse_slice("v6e-8").host_bounds == (2, 4, 1)  # one host of 8 chips
+    assert parse_slice("v5p:4x4x4").num_chips == 64
+    with pytest.raises(ConfigError, match=r"standard slices are v5p-8, v5p-16"):
+        parse_slice("v5p-100")
+    with pytest.raises(ConfigError, match=r"Unknown TPU slice 'h100-8'"):
+        parse_slice("h100-8")
+    with pytest.raises(ConfigError, match=r"3-dimensional"):
+        parse_slice("v5p:4x4")
+
+
+def test_plan_compile_needs_a_slice():
+    out = run_plan("--gin_file=gin/models/tiny.gin", "--gin_file=gin/meshes/fsdp_tp.gin", "--compile")
+    assert out.returncode == 2 and "names no TPU slice: pass --topology" in out.stderr, out.stderr

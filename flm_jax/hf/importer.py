@@ -13,8 +13,8 @@ state, self-describing metadata) and DIR/config.gin, so `python -m flm_jax.train
            they are unfolded (embedding / input_mult, head / (output_mult / mup_scale_factor)), giving back the μP
            model. --use_mup=true|false and --input_mult/--output_mult/--mup_scale_factor override that.
 Tensors missing from the folder, of the wrong shape, or unknown to the architecture are named in the error.
-Runtime settings (TeleFLMConfig.dtype, param_dtype, remat_policy) and the mesh layout are arguments (the command
-line takes them from --gin_file/--gin.X).
+Runtime settings (TeleFLMConfig.dtype, param_dtype, remat_policy, attention_impl) and the mesh layout are
+arguments (the command line takes them from --gin_file/--gin.X).
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ def read_hf(
     output_mult: float | None = None,
     mup_scale_factor: float | None = None,
 ) -> HFModel:
-    """The folder's model config and parameters. `runtime` sets TeleFLMConfig's runtime fields (dtype,
-    param_dtype, remat_policy); the rest comes from config.json (see the module docstring for the μP fields)."""
+    """The folder's model config and parameters. `runtime` sets TeleFLMConfig's runtime fields
+    (config.RUNTIME_FIELDS); the rest comes from config.json (see the module docstring for the μP fields)."""
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")

@@ -21,7 +21,7 @@ from flm_jax.growth.msg import METADATA_KEY, MSGRamp
 from flm_jax.hardware import peak_flops_per_device
 from flm_jax.optim import OptimizerConfig
 from flm_jax.params import init_params
-from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, global_batch, make_mesh, replicated
+from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, global_batch, make_mesh
 from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer, make_metadata
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.evaluation import Evaluator
@@ -29,7 +29,7 @@ from flm_jax.training.failpoints import maybe_crash
 from flm_jax.training.init_from import INHERITED_FIELDS, source_params
 from flm_jax.training.metrics import MetricWriter
 from flm_jax.training.state import StateSpec, init_state
-from flm_jax.training.step import make_train_step
+from flm_jax.training.step import jit_train_step
 
 
 def resolve_model_config(requested: TeleFLMConfig, metadata: dict | None) -> TeleFLMConfig:
@@ -206,20 +206,8 @@ class TrainLoop:
     def use_ramp(self, ramp: MSGRamp | None) -> None:
         """(Re)compile the step for an MSG ramp in progress, or for the plain model."""
         self.ramp = ramp
-        step = make_train_step(
-            self.model_cfg,
-            self.spec.tx,
-            self.spec.schedule,
-            self.layout,
-            self.cfg.num_microbatches,
-            self.cfg.z_loss,
-            ramp,
-        )
-        self.step_fn = jax.jit(
-            step,
-            in_shardings=(self.spec.shardings, self.b_sharding),
-            out_shardings=(self.spec.shardings, replicated(self.mesh)),
-            donate_argnums=0,
+        self.step_fn = jit_train_step(
+            self.model_cfg, self.spec, self.layout, self.mesh, self.cfg.num_microbatches, self.cfg.z_loss, ramp
         )
         if self.evaluator:
             self.evaluator.use_ramp(ramp)

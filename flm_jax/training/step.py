@@ -13,8 +13,8 @@ from flm_jax.config import TeleFLMConfig
 from flm_jax.growth.msg import MSGRamp, masks_at
 from flm_jax.losses import cross_entropy
 from flm_jax.model import GrowthMasks, TeleFLM
-from flm_jax.partitioning import MeshLayout
-from flm_jax.training.state import TrainState
+from flm_jax.partitioning import MeshLayout, batch_sharding, replicated
+from flm_jax.training.state import StateSpec, TrainState
 
 
 def lm_loss(
@@ -84,6 +84,27 @@ def make_train_step(
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return train_step
+
+
+def jit_train_step(
+    config: TeleFLMConfig,
+    spec: StateSpec,
+    layout: MeshLayout,
+    mesh,
+    num_microbatches: int = 1,
+    z_loss: float = 0.0,
+    ramp: MSGRamp | None = None,
+):
+    """The train step as `flm_jax.train` runs it: jitted with the state's shardings in and out, the batch split
+    over the mesh's batch axes, and the old state donated (its buffers hold the new one). `flm_jax.plan --compile`
+    lowers this same function for a TPU slice."""
+    step = make_train_step(config, spec.tx, spec.schedule, layout, num_microbatches, z_loss, ramp)
+    return jax.jit(
+        step,
+        in_shardings=(spec.shardings, batch_sharding(mesh, layout)),
+        out_shardings=(spec.shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
 def make_eval_step(config: TeleFLMConfig, layout: MeshLayout, ramp: MSGRamp | None = None):
