@@ -33,6 +33,7 @@ from flm_jax.topology import TpuSlice
 from flm_jax.training.state import StateSpec
 from flm_jax.training.step import jit_train_step
 
+# The packed batch flm_jax.data gives the train step (flm_jax/data/pipeline.py), as abstract arrays.
 BATCH_DTYPES = {
     "inputs": jnp.int32,
     "targets": jnp.int32,
@@ -47,8 +48,8 @@ def slice_mesh(layout: MeshLayout, tpu: TpuSlice):
     if layout.num_devices is not None and layout.num_devices != tpu.num_chips:
         raise ConfigError(
             f"MeshLayout {layout.name!r} is for {layout.num_devices} chips but {tpu.name} has {tpu.num_chips} "
-            f"({tpu.topology_name}). Pass the layout's own slice (--topology={layout.topology}) or a mesh file "
-            "for this slice."
+            f"({tpu.topology_name}). Pass a slice of {layout.num_devices} chips to --topology, or a mesh file for "
+            "this slice."
         )
     devices = tpu.devices()
     try:

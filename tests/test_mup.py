@@ -99,15 +99,18 @@ def test_mup_at_width_mult_one_is_standard_parametrisation():
         params = init(cfg, seed=3)
         tx, _ = make_optimizer(params, cfg, OptimizerConfig(peak_learning_rate=1e-2, warmup_steps=1), 5)
         state = tx.init(params)
+
+        def loss(p):
+            logits = TeleFLM(cfg).apply({"params": p}, tokens)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+        @jax.jit
+        def step(params, state):
+            updates, state = tx.update(jax.grad(loss)(params), state, params)
+            return optax.apply_updates(params, updates), state
+
         for _ in range(3):
-
-            def loss(p):
-                logits = TeleFLM(cfg).apply({"params": p}, tokens)
-                return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-            grads = jax.grad(loss)(params)
-            updates, state = tx.update(grads, state, params)
-            params = optax.apply_updates(params, updates)
+            params, state = step(params, state)
         return params, TeleFLM(cfg).apply({"params": params}, tokens)
 
     (p_mup, logits_mup), (p_sp, logits_sp) = trajectory(mup), trajectory(sp)
