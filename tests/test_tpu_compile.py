@@ -62,6 +62,19 @@ def test_tiny_step_compiles_for_v5p_with_the_layouts_shardings():
     assert 0.7 < report["mfu_at_peak"] < 0.8, report["mfu_at_peak"]
 
 
+def test_splash_attention_compiles_as_a_tpu_kernel_in_the_step():
+    """The Pallas splash kernels (forward, dq, dkv) are TPU custom calls in the compiled program, under the mesh's
+    shard_map; save_attn keeps their residuals, so the forward kernel is not re-run in the backward pass."""
+    cfg = TINY.replace(hidden_size=512, attention_impl="splash", remat_policy="save_attn")  # head_dim 128
+    step = aot.compile_train_step(cfg, fsdp_tensor(2, 2), OptimizerConfig(), parse_slice("v5p-8"), 8, 256)
+    # One forward and two gradient kernels, each once: the layer scan's body is one layer (under full remat the
+    # forward kernel runs a second time, 4 calls).
+    assert step.compiled.as_text().count('custom_call_target="tpu_custom_call"') == 3
+    assert {"splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"} <= {
+        name.split("_segmented")[0] for name in step.report["uncounted_kernels"]
+    }
+
+
 def test_loop_scale_counts_scan_bodies_per_iteration():
     """The traced matmul count with scan trip counts: 4 layers cost 4x one layer's dots inside the scan."""
 
