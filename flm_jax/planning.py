@@ -6,13 +6,14 @@ per-device numbers are the shapes the training step would use. Memory per device
   params            shard elements x param_dtype bytes
   optimizer         AdamW first and second moments in float32 (8 bytes per shard element)
   gradients         shard elements x param_dtype bytes (+ a float32 accumulator when microbatching)
-  optimizer_update  the float32 update of every shard element, computed before it is applied
+  optimizer_update  the float32 update of every shard element, computed before it is applied: after the last
+                    backward pass, so the total is the state plus the larger of the two phases
   gathered_weights  FSDP all-gathers each layer's weights inside the layer scan: two layers in the compute dtype
                     (the one in use and the next one in flight), split only by the non-FSDP axes
   layer_gradient    float32 gradients of two gathered layers: one being reduce-scattered while the backward pass
                     computes the next
   activations       what the backward pass keeps under the remat policy (`activation_bytes`), plus the working
-                    set of one layer being recomputed and the float32 logits of one microbatch.
+                    set of one layer being recomputed and the logits of one microbatch with their gradient.
 `python -m flm_jax.plan --compile` compiles the real step for a TPU slice and prints this estimate beside XLA's
 figures (flm_jax.aot; docs/scaling.md has the comparison for the three Tele-FLM stages).
 """
