@@ -1,5 +1,6 @@
 """Training end to end: exact resume, restore across meshes, crash recovery, every experiment gin file."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,8 +13,10 @@ from flm_jax.cli import REPO_ROOT
 from flm_jax.config import ConfigError
 from flm_jax.training.checkpoint import Checkpointer
 from flm_jax.training.config import TrainConfig
+from flm_jax.training.nonfinite import NonFiniteGuard, TrainingDiverged, all_finite
 from tests.helpers import (
     FAST_FLAGS,
+    FAST_OPTIMIZER,
     FSDP8,
     FSDP_TP,
     MODEL,
@@ -209,3 +212,21 @@ def test_a_run_whose_gin_files_name_no_model_stops_with_the_fix(tmp_path):
     assert out.returncode == 2
     assert "TeleFLMConfig" in out.stderr and "Include a model gin file" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_non_finite_steps_are_skipped_counted_and_a_run_of_them_stops_naming_the_last_good_checkpoint(tmp_path):
+    """A learning rate of 1e30 makes step 1's update finite but huge, so every later gradient overflows: those
+    updates are skipped (checkpoints 2 and 3 hold the same state), counted, and the third in a row stops the run."""
+    cfg = dataclasses.replace(RUN, steps=10, checkpoint_every=1, max_nonfinite_steps=3, async_checkpointing=False)
+    with pytest.raises(TrainingDiverged, match=r"3 steps in a row up to step 4 .*/checkpoints/3 \(step 3\)"):
+        run_train(tmp_path, cfg, optimizer=dataclasses.replace(FAST_OPTIMIZER, peak_learning_rate=1e30))
+    records = metrics(tmp_path)
+    assert [r["nonfinite"] for r in records] == [0, 1, 1]
+    assert [r["nonfinite_steps"] for r in records] == [0, 1, 2]
+    assert np.isfinite(records[0]["grad_norm"]) and not np.isfinite(records[1]["grad_norm"])
+    (state2, _, _), (state3, _, _) = restore(tmp_path, step=2), restore(tmp_path, step=3)
+    assert_trees_equal(state2["params"], state3["params"])
+    assert_trees_equal(state2["opt_state"], state3["opt_state"])
+    assert all_finite(state3["params"]) and int(state3["step"]) == 3
+    with pytest.raises(TrainingDiverged, match=r"parameters at step 7 are not finite; no checkpoint was written"):
+        NonFiniteGuard(3).check_saveable({"w": np.array([1.0, np.nan])}, 7, "x")

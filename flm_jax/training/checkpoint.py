@@ -87,12 +87,19 @@ class Checkpointer:
             # wait for an in-flight save instead of silently skipping a step
             enable_should_save_is_saving_in_progress_check=False,
         )
-        self.manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options, item_names=("state", "data", "metadata")
-        )
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "metadata"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def describe_latest(self) -> str:
+        """Where the latest checkpoint is, for messages."""
+        step = self.latest_step()
+        return "none yet" if step is None else f"{self.directory}/{step} (step {step})"
+
+    def will_save(self, step: int, force: bool = False) -> bool:
+        return force or self.manager.should_save(step)
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())

@@ -26,6 +26,8 @@ class TrainConfig:
     # run's schedule; None: random initialisation. See flm_jax/training/init_from.py.
     init_from: str | None = None
     z_loss: float = 0.0
+    # A step whose loss or gradient is not finite is skipped (no update); this many in a row stop the run.
+    max_nonfinite_steps: int = 10
     log_every: int = 10
     eval_every: int = 0  # evaluate every N steps; always at the first step of a run (the starting point) and the end
     eval_tasks: tuple[str, ...] = ("flm_prose", "flm_code")  # validation loss and BPB per domain
@@ -42,5 +44,5 @@ class TrainConfig:
                 f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
                 f"{self.num_microbatches}."
             )
-        if self.steps < 1 or self.log_every < 1 or self.checkpoint_every < 1:
-            raise ConfigError("TrainConfig.steps, log_every and checkpoint_every must be >= 1.")
+        if min(self.steps, self.log_every, self.checkpoint_every, self.max_nonfinite_steps) < 1:
+            raise ConfigError("TrainConfig.steps, log_every, checkpoint_every and max_nonfinite_steps must be >= 1.")

@@ -28,6 +28,7 @@ from flm_jax.training.evaluation import Evaluator
 from flm_jax.training.failpoints import maybe_crash
 from flm_jax.training.init_from import INHERITED_FIELDS, source_params
 from flm_jax.training.metrics import MetricWriter
+from flm_jax.training.nonfinite import NonFiniteGuard
 from flm_jax.training.state import StateSpec, init_state
 from flm_jax.training.step import jit_train_step
 
@@ -229,6 +230,7 @@ class TrainLoop:
                 f"{dict(self.mesh.shape)}, {human_count(self.tokens_per_step)} tokens/step",
             )
         last: dict[str, Any] = {}
+        guard = NonFiniteGuard(cfg.max_nonfinite_steps)
         interval_start, interval_steps, first = time.time(), 0, True
         with jax.set_mesh(self.mesh):
             while step < stop:
@@ -236,10 +238,12 @@ class TrainLoop:
                 crc = zlib.crc32(batch["inputs"].tobytes())
                 state, metrics = self.step_fn(state, global_batch(batch, self.b_sharding))
                 maybe_crash("mid_step", step + 1)
+                guard.count(metrics["nonfinite"])
                 step, interval_steps = step + 1, interval_steps + 1
                 if self.ramp is not None and self.ramp.done(step):  # m = 1: the masked model is the plain model
                     self.use_ramp(None)
                 if step % cfg.log_every == 0 or step == stop or first:
+                    skipped = guard.check(step, ckpt.describe_latest())
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     step_time = (time.time() - interval_start) / interval_steps
                     last = {
@@ -250,6 +254,7 @@ class TrainLoop:
                         "flops_per_step": self.flops_per_step,
                         "batch_crc32": crc,
                         "data_batches_consumed": batches.batches_consumed,
+                        "nonfinite_steps": skipped,
                     }
                     if self.evaluator and (
                         step == cfg.steps or first or (cfg.eval_every and step % cfg.eval_every == 0)
@@ -257,6 +262,9 @@ class TrainLoop:
                         last.update(self.evaluator(state["params"], step))
                     self.log(step, last)
                     interval_start, interval_steps, first = time.time(), 0, False
+                if ckpt.will_save(step, force=step == stop):
+                    guard.check(step, ckpt.describe_latest())
+                    guard.check_saveable(state["params"], step, ckpt.describe_latest())
                 if ckpt.save(step, state, batches.state(), self.metadata(step, base_metadata), force=step == stop):
                     maybe_crash("mid_save", step)
         return last
@@ -265,9 +273,10 @@ class TrainLoop:
         self.writer.write(step, record)
         val = f" val_loss {record['val_loss']:.4f} val_bpb {record['val_bpb']:.4f}" if "val_loss" in record else ""
         mask = f" mask {record['growth_mask']:.2f}" if "growth_mask" in record else ""
+        skipped = f" skipped {record['nonfinite_steps']}" if record.get("nonfinite_steps") else ""
         self.writer.progress(
             step,
             f"loss {record['loss']:.4f} lr {record['lr']:.2e} gnorm "
             f"{record['grad_norm']:.3f} {record['tokens_per_sec']:.0f} tok/s "
-            f"mfu {record['mfu']:.1%}{mask}{val}",
+            f"mfu {record['mfu']:.1%}{mask}{skipped}{val}",
         )

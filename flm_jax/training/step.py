@@ -72,12 +72,20 @@ def make_train_step(
             loss, nll_sum, grads = grads_of(state["params"], batch, num_tokens, masks)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        # A non-finite loss or gradient skips the update: parameters and optimizer state stay as they were (the
+        # step count and the data stream move on). The loop counts such steps and stops a run of them.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state["params"], state["opt_state"])
+        )
         metrics = {
             "loss": loss,
             "nll": nll_sum / num_tokens,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state["step"]),
             "num_tokens": num_tokens,
+            "nonfinite": 1 - finite.astype(jnp.int32),
         }
         if ramp is not None:
             metrics["growth_mask"] = ramp.value(state["step"])
