@@ -94,7 +94,16 @@ def compile_train_step(
     batch = abstract_batch(batch_size, seq_len, batch_sharding(mesh, layout))
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(layout.flax_rules()):
-        compiled = step.lower(spec.abstract, batch).compile()
+        try:
+            compiled = step.lower(spec.abstract, batch).compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise ConfigError(
+                f"The step does not fit a {tpu.generation} chip: {str(e).strip().splitlines()[0]} Use more "
+                "microbatches (TrainConfig.num_microbatches), a remat policy that keeps less "
+                "(TeleFLMConfig.remat_policy), splash attention, or a larger slice (docs/scaling.md)."
+            ) from e
         compile_seconds = time.perf_counter() - start
         jaxpr = jax.make_jaxpr(step)(spec.abstract, batch).jaxpr
     peak = peak_flops or tpu.chip.peak_flops

@@ -1,8 +1,8 @@
 """Plan a model on a mesh: parameter count and per-device memory estimated without devices (flm_jax.planning),
 and with --compile the real train step compiled ahead of time for a TPU slice on this host (flm_jax.aot).
 
-python -m flm_jax.plan --gin_file=gin/models/1t.gin --gin_file=gin/meshes/tpu_v5p_2048.gin [--json]
-python -m flm_jax.plan --gin_file=gin/models/1t.gin --gin_file=gin/meshes/tpu_v5p_2048.gin --compile  # needs libtpu
+python -m flm_jax.plan --gin_file=gin/models/1t.gin --gin_file=gin/meshes/tpu_v5p_1t.gin [--json]
+python -m flm_jax.plan --gin_file=gin/models/1t.gin --gin_file=gin/meshes/tpu_v5p_1t.gin --compile  # needs libtpu
 
 Batch size, sequence length and microbatches come from the flags, else from TrainConfig if a gin file binds it
 (the pod layouts in gin/meshes/ do), else one sequence per batch shard at max_position_embeddings.

@@ -128,3 +128,9 @@ def test_a_mesh_that_does_not_fit_the_slice_is_a_clear_error():
     layout = load_layout("fsdp_tp", mesh_shape={"data": 1, "fsdp": 128, "tensor": 4})
     with pytest.raises(ConfigError, match=r"does not map onto the v5p:8x8x8 torus"):
         aot.slice_mesh(layout, parse_slice("v5p-1024"))
+
+
+def test_a_step_larger_than_the_chip_is_a_clear_error():
+    """16.8M tokens per chip: their logits alone need more than a v5p's 95 GiB."""
+    with pytest.raises(ConfigError, match=r"does not fit a v5p chip: RESOURCE_EXHAUSTED.*more microbatches"):
+        aot.compile_train_step(TINY, fsdp_tensor(2, 2), OptimizerConfig(), parse_slice("v5p-8"), 65536, 512)
