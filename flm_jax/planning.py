@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from flm_jax.config import ConfigError, TeleFLMConfig, human_count
 from flm_jax.params import boxed_abstract_params
-from flm_jax.partitioning import MeshLayout, batch_split, make_abstract_mesh, mesh_shardings
+from flm_jax.partitioning import MeshLayout, _as_mesh_axes, batch_split, make_abstract_mesh, mesh_shardings
 
 GIB = 1024**3
 ADAM_BYTES_PER_PARAM = 8  # mu and nu in float32
@@ -53,13 +53,9 @@ def gathered_layer_elements(shardings_tree, abstract_tree, layout: MeshLayout, n
     total = 0.0
     for leaf, sharding in zip(leaves, shards):
         sizes = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_sizes))
-        split = math.prod(sizes[a] for axes in sharding.spec for a in _axes(axes) if a not in fsdp_axes)
+        split = math.prod(sizes[a] for axes in sharding.spec for a in _as_mesh_axes(axes) or () if a not in fsdp_axes)
         total += math.prod(leaf.shape) / split
     return total / num_layers
-
-
-def _axes(entry) -> tuple[str, ...]:
-    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def activation_bytes(

@@ -13,10 +13,14 @@ class TrainingDiverged(ConfigError):
     """The run stopped on non-finite values; the message names the step and the last good checkpoint."""
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def all_finite(tree) -> bool:
-    return bool(
-        jax.jit(lambda t: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree_util.tree_leaves(t)])))(tree)
-    )
+    """One compile per tree structure, not one per checkpoint."""
+    return bool(_all_finite(tree))
 
 
 class NonFiniteGuard:
