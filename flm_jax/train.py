@@ -7,6 +7,7 @@ operative gin config, hardware peak included), DIR/metrics.jsonl, DIR/tensorboar
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from flm_jax.training.config import TrainConfig
 from flm_jax.training.loop import train
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `python -m flm_jax.train` (tests/test_launch.py parses the launch recipes' commands with it)."""
     p = cli.parser(__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="output folder; an existing run there is resumed")
     p.add_argument(
@@ -30,7 +32,11 @@ def main(argv=None) -> None:
         help="stop after this step with a checkpoint (a later call continues to TrainConfig.steps)",
     )
     cli.add_distributed_flags(p)
-    args = cli.parse(p, argv, load=False)
+    return p
+
+
+def main(argv=None) -> None:
+    args = cli.parse(build_parser(), argv, load=False)
     workdir = Path(args.workdir)
     saved = None if args.gin_file else read_config_gin(workdir)
     cli.load_gin(args.gin_file, args.gin_bindings, config_text=saved)
