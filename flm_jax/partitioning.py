@@ -209,6 +209,7 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Every process holds the whole global batch (same deterministic stream); each device takes its slice."""
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx]) for k, v in batch.items()}
+def global_batch(rows: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int) -> dict[str, jax.Array]:
+    """The global [batch_size, ...] arrays from this process's rows (in global row order; training/input.py
+    decides which); no process holds the whole batch."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (batch_size, *v.shape[1:])) for k, v in rows.items()}

@@ -21,6 +21,7 @@ from flm_jax.data.pipeline import (
     packed_dataset,
     validation_set,
 )
+from flm_jax.data.sharded import ShardedBatches, ShardedSpec
 from flm_jax.data.tasks import (
     DEFAULT_MIXTURE,
     DEFAULT_MIXTURE_RATES,
@@ -73,6 +74,8 @@ __all__ = [
     "INSTRUCTIONS_TASK",
     "PAD_ID",
     "SPLITS",
+    "ShardedBatches",
+    "ShardedSpec",
     "TOKENIZER_PATH",
     "UNK_ID",
     "USER_ID",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,6 +30,7 @@ from flm_jax.data.vocab import BOS_ID
 
 Batch = dict[str, np.ndarray]
 STATE_FORMAT = "flm_jax.data.BatchIterator/1"
+_IGNORE_EXTERNAL_STATE = 1  # tf.data ExternalStatePolicy: 0 warn, 1 ignore, 2 fail
 
 
 def _to_batch_format(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -104,9 +105,11 @@ class StreamSpec:
 class BatchIterator:
     """Deterministic packed batches of a task or mixture; `state()` / `from_state()` resume at the next batch.
 
-    Resuming rebuilds the stream from its spec and skips the consumed batches inside tf.data (exact, and cheap
-    next to training: it costs the input pipeline's time for those batches, no numpy conversion).
-    On several hosts give each its shard_index / num_shards and its per-host batch_size.
+    `serialize()` snapshots the tf.data iterator itself (shuffle buffers, packing, prefetched batches); restoring
+    it (`iterator_state=`) costs the same at any step. Without a snapshot, resuming rebuilds the stream from its
+    spec and skips the consumed batches inside tf.data: exact, but its time grows with the step.
+    One input shard of several reads every num_shards-th document of the source (the same seed in every shard,
+    so the shards partition each epoch's shuffled documents).
     """
 
     def __init__(
@@ -122,6 +125,7 @@ class BatchIterator:
         shard_index: int = 0,
         num_shards: int = 1,
         batches_consumed: int = 0,
+        iterator_state: bytes | None = None,
         prefetch: int = 2,
     ):
         train = split == "train"
@@ -138,6 +142,8 @@ class BatchIterator:
         )
         if self.spec.batch_size < 1 or self.spec.seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be positive, got {self.spec}")
+        if not 0 <= self.spec.shard_index < self.spec.num_shards:
+            raise ValueError(f"shard_index must be in [0, num_shards), got {self.spec}")
         self._consumed = int(batches_consumed)
         ds = packed_dataset(
             name,
@@ -149,14 +155,19 @@ class BatchIterator:
             shard_index=self.spec.shard_index,
             num_shards=self.spec.num_shards,
         )
-        ds = ds.batch(self.spec.batch_size, drop_remainder=True).skip(self._consumed).prefetch(prefetch)
-        self._it = ds.as_numpy_iterator()
+        ds = ds.batch(self.spec.batch_size, drop_remainder=True)
+        if iterator_state is None:
+            ds = ds.skip(self._consumed)
+        self._it = iter(ds.prefetch(prefetch))
+        if iterator_state is not None:
+            state = tf.io.parse_tensor(iterator_state, tf.variant)
+            tf.raw_ops.DeserializeIterator(resource_handle=self._it._iterator_resource, serialized=state)
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self._it)
+        batch = {k: v.numpy() for k, v in next(self._it).items()}
         self._consumed += 1
         return batch
 
@@ -168,6 +179,15 @@ class BatchIterator:
         """A JSON-serialisable state; `BatchIterator.from_state(state)` continues with the next batch."""
         return {"format": STATE_FORMAT, **dataclasses.asdict(self.spec), "batches_consumed": self._consumed}
 
+    def serialize(self) -> bytes:
+        """The tf.data iterator's state, for `iterator_state=` (raises tf.errors.FailedPreconditionError for a
+        source tf.data cannot checkpoint, e.g. Dataset.from_generator). py_function maps (JSONL parsing) are
+        pure, so their 'external state' is ignored."""
+        state = tf.raw_ops.SerializeIterator(
+            resource_handle=self._it._iterator_resource, external_state_policy=_IGNORE_EXTERNAL_STATE
+        )
+        return tf.io.serialize_tensor(state).numpy()
+
     @classmethod
     def from_state(cls, state: dict[str, Any], **kwargs) -> BatchIterator:
         state = dict(state)
@@ -177,26 +197,51 @@ class BatchIterator:
 
 
 class ValidationSet(NamedTuple):
-    batches: list[Batch]  # packed, unshuffled, every document exactly once; the last batch padded with 0 rows
+    batches: list[Batch]  # packed, unshuffled, every document exactly once; the last batches padded with 0 rows
     num_bytes: int  # UTF-8 bytes of the documents' text (chat: of the answers, the weighted text)
     num_documents: int  # (chat: conversations)
-    num_tokens: int  # targets with loss weight 1 (the documents' tokens plus one EOS each; chat: answers + EOS)
+    num_tokens: int  # targets with loss weight 1 in these rows (documents' tokens + one EOS each; chat: answers)
+    batch_size: int  # global rows per batch (more than each batch's rows when other processes read some shards)
 
 
-def validation_set(name: str, batch_size: int, seq_len: int, split: str = "validation") -> ValidationSet:
-    """Every document of task `name`'s `split` once, packed, for loss and bits-per-byte."""
+def validation_set(
+    name: str,
+    batch_size: int,
+    seq_len: int,
+    split: str = "validation",
+    *,
+    shards: Sequence[int] = (0,),
+    num_shards: int = 1,
+    agree_on_count: Callable[[int], int] = int,
+) -> ValidationSet:
+    """Every document of task `name`'s `split` once, packed, for loss and bits-per-byte.
+
+    With num_shards > 1 the global batch of `batch_size` rows holds batch_size // num_shards rows of each input
+    shard (every num_shards-th document); this returns the rows of `shards`, side by side. Shards pack into
+    different numbers of batches, so all are padded with zero rows to `agree_on_count(the most here)` batches (on
+    several processes: the most over all of them). The byte and document counts are of the whole split."""
     if name not in seqio.TaskRegistry.names():
         raise ValueError(f"validation_set needs a task, not {name!r} (evaluate a mixture's tasks one by one)")
-    ds = packed_dataset(name, split, seq_len, shuffle=False, num_epochs=1)
+    if batch_size % num_shards:
+        raise ValueError(f"batch_size {batch_size} is not a multiple of num_shards {num_shards}")
+    rows = batch_size // num_shards
+    per_shard = []
+    for shard in shards:
+        ds = packed_dataset(name, split, seq_len, shuffle=False, num_epochs=1, shard_index=shard, num_shards=num_shards)
+        per_shard.append(list(ds.batch(rows, drop_remainder=False).as_numpy_iterator()))
+    count = agree_on_count(max(len(b) for b in per_shard))
+    empty = {k: np.zeros((0, seq_len), f.dtype.as_numpy_dtype) for k, f in ds.element_spec.items()}
     batches = []
-    for batch in ds.batch(batch_size, drop_remainder=False).as_numpy_iterator():
-        short = batch_size - len(batch["targets"])
-        if short:
-            batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    for i in range(count):
+        parts = [b[i] if i < len(b) else empty for b in per_shard]
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in empty}
+        short = rows * len(shards) - len(batch["targets"])
+        if short:  # zero rows go to the end; a zero row (loss weight 0, segment 0) adds nothing wherever it is
+            batch = {k: np.concatenate([v, np.zeros((short, seq_len), v.dtype)]) for k, v in batch.items()}
         batches.append(batch)
     num_documents, num_bytes = tasks_lib.source_text_stats(name, split, seq_len)
     num_tokens = int(sum(b["loss_weights"].sum() for b in batches))
-    return ValidationSet(batches, num_bytes, num_documents, num_tokens)
+    return ValidationSet(batches, num_bytes, num_documents, num_tokens, batch_size)
 
 
 def bits_per_byte(total_nll_nats: float, total_bytes: int) -> float:

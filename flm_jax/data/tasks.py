@@ -92,9 +92,11 @@ def _shuffled(ds: tf.data.Dataset, n: int, shuffle: bool, seed: int | None) -> t
 
 def _corpus_dataset_fn(domain: str):
     def dataset_fn(split: str, shuffle_files: bool, seed: int | None = None) -> tf.data.Dataset:
-        texts = corpus.load_texts(domain, split)
-        ds = tf.data.Dataset.from_tensor_slices({TEXT_KEY: tf.constant(texts, tf.string)})
-        return _shuffled(ds, len(texts), shuffle_files, seed)
+        texts = tf.constant(corpus.load_texts(domain, split), tf.string)
+        # Shuffle indices, not texts: a checkpointed iterator then holds a shuffle buffer of integers (the same
+        # order as shuffling the texts with the same seed).
+        order = _shuffled(tf.data.Dataset.range(len(texts)), len(texts), shuffle_files, seed)
+        return order.map(lambda i: {TEXT_KEY: tf.gather(texts, i)})
 
     return dataset_fn
 

@@ -29,7 +29,7 @@ from flm_jax.inference.generate import generate
 from flm_jax.inference.scoring import score_continuations, with_bos
 from flm_jax.params import param_shardings
 from flm_jax.partitioning import MeshLayout, batch_sharding, make_mesh, replicated
-from flm_jax.training.evaluation import score_sets
+from flm_jax.training.evaluation import host_validation_set, score_sets
 from flm_jax.training.step import make_eval_step
 
 import seqio  # isort: skip  (after flm_jax.data, which sets TensorFlow up)
@@ -140,12 +140,12 @@ def evaluate(
     eval_step = jax.jit(make_eval_step(config, layout), in_shardings=(shardings, sharding, replicated(mesh)))
     result: dict[str, Any] = {"mixture": mixture, "seq_len": seq_len}
     with jax.set_mesh(mesh), nn.logical_axis_rules(layout.flax_rules()):
-        sets = {task: data.validation_set(task, batch_size, seq_len) for task in tasks_of(mixture)}
+        sets = {task: host_validation_set(task, batch_size, seq_len, sharding) for task in tasks_of(mixture)}
         domains, total = score_sets(eval_step, params, sets, sharding)
         result["domains"] = {name: score._asdict() for name, score in domains.items()}
         result["total"] = total._asdict()
         if text_files:
-            files = {str(f): data.validation_set(register_file(f), batch_size, seq_len) for f in text_files}
+            files = {str(f): host_validation_set(register_file(f), batch_size, seq_len, sharding) for f in text_files}
             result["files"] = {
                 name: s._asdict() for name, s in score_sets(eval_step, params, files, sharding)[0].items()
             }

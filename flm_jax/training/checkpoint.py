@@ -4,7 +4,9 @@ self-describing metadata.
 Layout of WORKDIR/checkpoints/<step>/:
   state/     params, optimizer state and step (orbax, OCDBT); stacked layer arrays are stored in one-layer chunks
              so that export and growth can read a layer at a time
-  data/      the data iterator's JSON state (the next batch to draw)
+  data/      the data stream's JSON state (its spec and the number of batches drawn)
+  data_iterators/  one tf.data iterator snapshot per input shard, written by the first process that reads it, so
+             a resume restores the stream's position at once instead of replaying it (flm_jax/data/sharded.py)
   metadata/  JSON: the model config (Hugging Face field names), the layer-stack layout, growth state, ...
 orbax writes each step into a temporary folder and renames it when complete, so a crash never leaves a partial
 checkpoint that `latest_step` would pick up.
@@ -15,17 +17,21 @@ WORKDIR/config.gin holds the gin config of the run (its model, mesh, optimizer, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flm_jax.config import TeleFLMConfig
 
 LAYER_STACK_LAYOUT = {"stacked_axis": 0, "collection": "layers", "scan": True}
 CONFIG_GIN = "config.gin"
+ITEMS = ("state", "data", "data_iterators", "metadata")
 # Bindings that config.gin files of earlier flm_jax versions hold and that no longer exist: dropped when such a
 # file is read, so their workdirs still resume.
 OBSOLETE_BINDINGS = ("make_optimizer.optimizer", "MeshLayout.device_kind")
@@ -72,6 +78,38 @@ def make_metadata(config: TeleFLMConfig, **extra: Any) -> dict[str, Any]:
     return {"format": "flm_jax/1", "model_config": config.to_dict(), "layer_stack": LAYER_STACK_LAYOUT, **extra}
 
 
+def _iterator_file(shard: int) -> str:
+    return f"shard_{shard:05d}"
+
+
+class IteratorStatesHandler(ocp.CheckpointHandler):
+    """Writes the tf.data snapshots this process was given, one file per input shard; reads back those asked for
+    that exist (a shard with none resumes by skipping)."""
+
+    def save(self, directory: epath.Path, args: IteratorStatesSave) -> None:
+        for shard, blob in args.states.items():
+            (directory / _iterator_file(shard)).write_bytes(blob)
+
+    def restore(self, directory: epath.Path, args: IteratorStatesRestore) -> dict[int, bytes]:
+        paths = {s: directory / _iterator_file(s) for s in args.shards}
+        return {s: p.read_bytes() for s, p in paths.items() if p.exists()}
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+
+@ocp.args.register_with_handler(IteratorStatesHandler, for_save=True)
+@dataclasses.dataclass
+class IteratorStatesSave(ocp.args.CheckpointArgs):
+    states: Mapping[int, bytes]
+
+
+@ocp.args.register_with_handler(IteratorStatesHandler, for_restore=True)
+@dataclasses.dataclass
+class IteratorStatesRestore(ocp.args.CheckpointArgs):
+    shards: Sequence[int]
+
+
 class Checkpointer:
     """A CheckpointManager for train states; saves are asynchronous unless async_save=False."""
 
@@ -88,7 +126,7 @@ class Checkpointer:
             enable_should_save_is_saving_in_progress_check=False,
         )
         self.directory = checkpoint_dir(workdir)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "metadata"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -104,10 +142,21 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict, metadata: dict, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        data_state: dict,
+        metadata: dict,
+        force: bool = False,
+        iterator_states: Mapping[int, bytes] | None = None,
+    ) -> bool:
+        """Save at `step` if the interval (or `force`) says so; `iterator_states` are this process's tf.data
+        snapshots to write, {input shard: bytes}."""
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state, save_args=layer_chunked_save_args(state)),
             data=ocp.args.JsonSave(data_state),
+            data_iterators=IteratorStatesSave(dict(iterator_states or {})),
             metadata=ocp.args.JsonSave(metadata),
         )
         return self.manager.save(step, args=args, force=force)
@@ -119,6 +168,13 @@ class Checkpointer:
         )
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.data, restored.metadata
+
+    def iterator_states(self, step: int, shards: Sequence[int]) -> dict[int, bytes]:
+        """The tf.data snapshots of `shards` saved at `step` (none in checkpoints from before they were saved)."""
+        if not (self.directory / str(step) / "data_iterators").exists():
+            return {}
+        args = ocp.args.Composite(data_iterators=IteratorStatesRestore(tuple(shards)))
+        return self.manager.restore(step, args=args).data_iterators
 
     def metadata(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

@@ -22,6 +22,10 @@ class TrainConfig:
     num_microbatches: int = 1  # gradient accumulation inside one step
     mixture: str = "flm_default"  # a seqio task or mixture; flm_default is the embedded corpus (docs/data.md)
     seed: int = 0  # parameter init and data order
+    # The global batch is cut into this many input shards, each its own pipeline over every input_shards-th
+    # document; a process reads only the shards of the rows its devices hold. None: one per process. The data
+    # depend on this number, not on the process count (docs/data.md).
+    input_shards: int | None = None
     # Start from the parameters of another workdir's latest checkpoint (fine-tuning) with a fresh optimizer and this
     # run's schedule; None: random initialisation. See flm_jax/training/init_from.py.
     init_from: str | None = None
@@ -43,6 +47,10 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
                 f"{self.num_microbatches}."
+            )
+        if self.input_shards is not None and (self.input_shards < 1 or self.batch_size % self.input_shards):
+            raise ConfigError(
+                f"TrainConfig.input_shards={self.input_shards} must be >= 1 and divide batch_size={self.batch_size}."
             )
         if min(self.steps, self.log_every, self.checkpoint_every, self.max_nonfinite_steps) < 1:
             raise ConfigError("TrainConfig.steps, log_every, checkpoint_every and max_nonfinite_steps must be >= 1.")

@@ -12,6 +12,7 @@ from flm_jax import data
 from flm_jax.config import TeleFLMConfig
 from flm_jax.growth.msg import MSGRamp
 from flm_jax.partitioning import MeshLayout, batch_sharding, global_batch, replicated
+from flm_jax.training.input import max_over_processes, shards_by_process
 from flm_jax.training.step import make_eval_step
 
 
@@ -36,11 +37,23 @@ def score_sets(
     for name, vset in sets.items():
         nll = tokens = 0.0
         for batch in vset.batches:
-            n, t = eval_step(params, global_batch(batch, sharding), step)
+            n, t = eval_step(params, global_batch(batch, sharding, vset.batch_size), step)
             nll, tokens = nll + float(n), tokens + float(t)
         scores[name] = DomainScore.of(nll, tokens, vset.num_bytes)
         total_nll, total_tokens, total_bytes = total_nll + nll, total_tokens + tokens, total_bytes + vset.num_bytes
     return scores, DomainScore.of(total_nll, total_tokens, total_bytes)
+
+
+def host_validation_set(
+    task: str, batch_size: int, seq_len: int, sharding, split: str = "validation"
+) -> data.ValidationSet:
+    """The rows of `task`'s validation batches that this process's devices hold, read from its input shards
+    alone (one shard per process)."""
+    num_shards = jax.process_count()
+    shards = shards_by_process(sharding, batch_size, num_shards)[jax.process_index()]
+    return data.validation_set(
+        task, batch_size, seq_len, split, shards=shards, num_shards=num_shards, agree_on_count=max_over_processes
+    )
 
 
 class Evaluator:
@@ -57,8 +70,8 @@ class Evaluator:
         params_shardings: Any,
         split: str = "validation",
     ):
-        self.sets = {task: data.validation_set(task, batch_size, seq_len, split) for task in tasks}
         self.sharding = batch_sharding(mesh, layout)
+        self.sets = {task: host_validation_set(task, batch_size, seq_len, self.sharding, split) for task in tasks}
         self.config, self.layout, self.mesh, self.params_shardings = config, layout, mesh, params_shardings
         self.use_ramp(None)
 

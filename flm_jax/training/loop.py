@@ -27,6 +27,8 @@ from flm_jax.training.config import TrainConfig
 from flm_jax.training.evaluation import Evaluator
 from flm_jax.training.failpoints import maybe_crash
 from flm_jax.training.init_from import INHERITED_FIELDS, source_params
+from flm_jax.training.input import TrainInput, train_input
+from flm_jax.training.input import describe as describe_input
 from flm_jax.training.metrics import MetricWriter
 from flm_jax.training.nonfinite import NonFiniteGuard
 from flm_jax.training.state import StateSpec, init_state
@@ -114,12 +116,15 @@ def train(
             initial if initial is not None else init_params(model_cfg, mesh, layout, jax.random.key(train_cfg.seed))
         )
         state, data_state = init_state(params, spec.tx, spec.shardings), {}
-    batches = resume_batches(train_cfg, data_state, int(state["step"]))
+    step = int(state["step"])
+    host_input = train_input(
+        train_cfg, batch_sharding(mesh, layout), data_state, lambda shards: ckpt.iterator_states(latest, shards), step
+    )
+    describe_input(host_input.stream, step)
     # What every checkpoint of this run records besides the ramp: provenance such as grown_from or imported_from.
     base_metadata = {
         k: v for k, v in saved_meta.items() if k not in ("format", "model_config", "layer_stack", METADATA_KEY)
     } | provenance
-    step = int(state["step"])
     stop = min(until_step or train_cfg.steps, train_cfg.steps)
     if step >= stop:
         print(f"Nothing to do: the checkpoint is at step {step} and TrainConfig.steps={train_cfg.steps}.", flush=True)
@@ -138,33 +143,11 @@ def train(
         peak * jax.device_count(),
     )
     try:
-        return loop.run(state, batches, ckpt, stop, base_metadata)
+        return loop.run(state, host_input, ckpt, stop, base_metadata)
     finally:
         ckpt.wait()
         ckpt.close()
         loop.writer.close()
-
-
-def resume_batches(train_cfg: TrainConfig, data_state: dict, step: int) -> data.BatchIterator:
-    """Continue the checkpoint's data stream. An empty state (a new run, an import_hf checkpoint) starts the
-    configured stream; a stream of another mixture, batch size or length (a new stage after growth) is replaced by
-    a fresh one seeded with seed + step, so it does not replay the batches already seen."""
-    if data_state and (data_state.get("name"), data_state.get("batch_size"), data_state.get("seq_len")) == (
-        train_cfg.mixture,
-        train_cfg.batch_size,
-        train_cfg.seq_len,
-    ):
-        return data.BatchIterator.from_state(data_state)
-    if data_state:
-        print(
-            f"The data stream changed ({data_state.get('name')}, batch {data_state.get('batch_size')} x "
-            f"{data_state.get('seq_len')} -> {train_cfg.mixture}, batch {train_cfg.batch_size} x "
-            f"{train_cfg.seq_len}): starting a fresh stream.",
-            flush=True,
-        )
-    return data.BatchIterator(
-        train_cfg.mixture, "train", train_cfg.batch_size, train_cfg.seq_len, train_cfg.seed + step
-    )
 
 
 class TrainLoop:
@@ -219,9 +202,9 @@ class TrainLoop:
         return make_metadata(self.model_cfg, **base, **ramp)
 
     def run(
-        self, state, batches: data.BatchIterator, ckpt: Checkpointer, stop: int, base_metadata: dict[str, Any]
+        self, state, host_input: TrainInput, ckpt: Checkpointer, stop: int, base_metadata: dict[str, Any]
     ) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, batches = self.cfg, host_input.stream
         step = int(state["step"])
         if step == 0:
             self.writer.progress(
@@ -236,7 +219,7 @@ class TrainLoop:
             while step < stop:
                 batch = next(batches)
                 crc = zlib.crc32(batch["inputs"].tobytes())
-                state, metrics = self.step_fn(state, global_batch(batch, self.b_sharding))
+                state, metrics = self.step_fn(state, global_batch(batch, self.b_sharding, cfg.batch_size))
                 maybe_crash("mid_step", step + 1)
                 guard.count(metrics["nonfinite"])
                 step, interval_steps = step + 1, interval_steps + 1
@@ -265,7 +248,8 @@ class TrainLoop:
                 if ckpt.will_save(step, force=step == stop):
                     guard.check(step, ckpt.describe_latest())
                     guard.check_saveable(state["params"], step, ckpt.describe_latest())
-                if ckpt.save(step, state, batches.state(), self.metadata(step, base_metadata), force=step == stop):
+                    snapshots = batches.iterator_states(host_input.snapshot_shards)
+                    ckpt.save(step, state, batches.state(), self.metadata(step, base_metadata), True, snapshots)
                     maybe_crash("mid_save", step)
         return last
 
