@@ -25,12 +25,12 @@ from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, global
 from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer, make_metadata
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.evaluation import Evaluator
-from flm_jax.training.failpoints import maybe_crash
 from flm_jax.training.init_from import INHERITED_FIELDS, source_params
 from flm_jax.training.input import TrainInput, train_input
 from flm_jax.training.input import describe as describe_input
 from flm_jax.training.metrics import MetricWriter
 from flm_jax.training.nonfinite import NonFiniteGuard
+from flm_jax.training.preemption import PreemptionWatch
 from flm_jax.training.state import StateSpec, init_state
 from flm_jax.training.step import jit_train_step
 
@@ -142,9 +142,11 @@ def train(
         step,
         peak * jax.device_count(),
     )
+    preemption = PreemptionWatch(ckpt.manager)
     try:
-        return loop.run(state, host_input, ckpt, stop, base_metadata)
+        return loop.run(state, host_input, ckpt, stop, base_metadata, preemption)
     finally:
+        preemption.close()
         ckpt.wait()
         ckpt.close()
         loop.writer.close()
@@ -202,7 +204,13 @@ class TrainLoop:
         return make_metadata(self.model_cfg, **base, **ramp)
 
     def run(
-        self, state, host_input: TrainInput, ckpt: Checkpointer, stop: int, base_metadata: dict[str, Any]
+        self,
+        state,
+        host_input: TrainInput,
+        ckpt: Checkpointer,
+        stop: int,
+        base_metadata: dict[str, Any],
+        preemption: PreemptionWatch,
     ) -> dict[str, Any]:
         cfg, batches = self.cfg, host_input.stream
         step = int(state["step"])
@@ -220,12 +228,12 @@ class TrainLoop:
                 batch = next(batches)
                 crc = zlib.crc32(batch["inputs"].tobytes())
                 state, metrics = self.step_fn(state, global_batch(batch, self.b_sharding, cfg.batch_size))
-                maybe_crash("mid_step", step + 1)
                 guard.count(metrics["nonfinite"])
                 step, interval_steps = step + 1, interval_steps + 1
+                preempted = preemption.reached(step)
                 if self.ramp is not None and self.ramp.done(step):  # m = 1: the masked model is the plain model
                     self.use_ramp(None)
-                if step % cfg.log_every == 0 or step == stop or first:
+                if step % cfg.log_every == 0 or step == stop or first or preempted:
                     skipped = guard.check(step, ckpt.describe_latest())
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     step_time = (time.time() - interval_start) / interval_steps
@@ -245,12 +253,14 @@ class TrainLoop:
                         last.update(self.evaluator(state["params"], step))
                     self.log(step, last)
                     interval_start, interval_steps, first = time.time(), 0, False
-                if ckpt.will_save(step, force=step == stop):
+                if ckpt.will_save(step, force=step == stop or preempted):
                     guard.check(step, ckpt.describe_latest())
                     guard.check_saveable(state["params"], step, ckpt.describe_latest())
                     snapshots = batches.iterator_states(host_input.snapshot_shards)
                     ckpt.save(step, state, batches.state(), self.metadata(step, base_metadata), True, snapshots)
-                    maybe_crash("mid_save", step)
+                if preempted:
+                    self.writer.progress(step, "preempted (SIGTERM): saved this step; run the same command to resume")
+                    break
         return last
 
     def log(self, step: int, record: dict[str, Any]) -> None:
