@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,6 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from flm_jax.config import TeleFLMConfig
+from flm_jax.paths import PathLike, as_path
 
 LAYER_STACK_LAYOUT = {"stacked_axis": 0, "collection": "layers", "scan": True}
 CONFIG_GIN = "config.gin"
@@ -37,8 +37,8 @@ ITEMS = ("state", "data", "data_iterators", "metadata")
 OBSOLETE_BINDINGS = ("make_optimizer.optimizer", "MeshLayout.device_kind")
 
 
-def checkpoint_dir(workdir: str | Path) -> Path:
-    return Path(workdir).resolve() / "checkpoints"
+def checkpoint_dir(workdir: PathLike) -> epath.Path:
+    return as_path(workdir) / "checkpoints"
 
 
 def _is_layer_stacked(path) -> bool:
@@ -58,9 +58,9 @@ def layer_chunked_save_args(state: Any) -> Any:
     return jax.tree_util.tree_map_with_path(args, state)
 
 
-def read_config_gin(workdir: str | Path) -> str | None:
+def read_config_gin(workdir: PathLike) -> str | None:
     """The workdir's config.gin, less obsolete bindings; None when there is none."""
-    path = Path(workdir) / CONFIG_GIN
+    path = as_path(workdir) / CONFIG_GIN
     if not path.is_file():
         return None
     lines = path.read_text().splitlines()
@@ -114,7 +114,7 @@ class Checkpointer:
     """A CheckpointManager for train states; saves are asynchronous unless async_save=False."""
 
     def __init__(
-        self, workdir: str | Path, save_interval_steps: int = 1, max_to_keep: int | None = 3, async_save: bool = True
+        self, workdir: PathLike, save_interval_steps: int = 1, max_to_keep: int | None = 3, async_save: bool = True
     ):
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_interval_steps,

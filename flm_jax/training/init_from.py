@@ -10,7 +10,6 @@ the loss: the new tokens' logits, 0, join the softmax normaliser).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ from flm_jax.growth import GrowthSpec, grow
 from flm_jax.growth.fold import plain_source
 from flm_jax.params import param_shardings
 from flm_jax.partitioning import MeshLayout
+from flm_jax.paths import PathLike, as_path
 from flm_jax.training.checkpoint_reader import CheckpointReader, read_params
 
 # Fields that a fine-tuning run inherits from its source: the RMSNorm corrections plain_source may set on a folded
@@ -28,11 +28,11 @@ INHERITED_FIELDS = ("rms_norm_eps", "rms_norm_scale", *MUP_BASE_FIELDS)
 
 
 def source_params(
-    workdir: str | Path, model_cfg: TeleFLMConfig, mesh, layout: MeshLayout, seed: int = 0
+    workdir: PathLike, model_cfg: TeleFLMConfig, mesh, layout: MeshLayout, seed: int = 0
 ) -> tuple[TeleFLMConfig, Any, dict[str, Any]]:
     """(the run's model config, its initial parameters placed with the layout's shardings, provenance for the
     checkpoint metadata) from workdir's latest checkpoint."""
-    if not (Path(workdir) / "checkpoints").is_dir():
+    if not (as_path(workdir) / "checkpoints").is_dir():
         raise FileNotFoundError(
             f"TrainConfig.init_from={str(workdir)!r} has no checkpoints/: name a flm_jax workdir "
             "(a pretraining, grow or import_hf run)."

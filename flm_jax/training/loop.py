@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 
 from flm_jax import data
 from flm_jax.config import MUP_BASE_FIELDS, RUNTIME_FIELDS, ConfigError, TeleFLMConfig, human_count
@@ -22,6 +22,7 @@ from flm_jax.hardware import peak_flops_per_device
 from flm_jax.optim import OptimizerConfig
 from flm_jax.params import init_params
 from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, global_batch, make_mesh
+from flm_jax.paths import PathLike, as_path
 from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer, make_metadata
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.evaluation import Evaluator
@@ -55,7 +56,7 @@ def resolve_model_config(requested: TeleFLMConfig, metadata: dict | None) -> Tel
 
 
 def train(
-    workdir: str | Path,
+    workdir: PathLike,
     *,
     model_cfg: TeleFLMConfig,
     layout: MeshLayout,
@@ -70,7 +71,7 @@ def train(
     flm_jax.hardware table). `config_gin`, the run's gin config, becomes WORKDIR/config.gin once the workdir's
     checkpoint has been checked against the model (a refused run leaves the old file). Returns the last logged
     metrics."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(layout)
     split = batch_split(mesh, layout)
@@ -163,7 +164,7 @@ class TrainLoop:
         mesh,
         spec: StateSpec,
         ramp: MSGRamp | None,
-        workdir: Path,
+        workdir: epath.Path,
         start_step: int,
         peak_flops_total: float,
     ):

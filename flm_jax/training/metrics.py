@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
+
+from flm_jax.paths import PathLike, as_path
 
 
 class MetricWriter:
     """Only process 0 writes; every process may call it."""
 
-    def __init__(self, workdir: str | Path, total_steps: int, start_step: int = 0):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: PathLike, total_steps: int, start_step: int = 0):
+        self.workdir = as_path(workdir)
         self.total_steps, self.start_step = total_steps, start_step
         self.active = jax.process_index() == 0
         self.started = time.time()
@@ -30,7 +31,7 @@ class MetricWriter:
         if not self.active:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.workdir / "metrics.jsonl", "a") as f:
+        with (self.workdir / "metrics.jsonl").open("a") as f:  # on a bucket, TensorFlow's GCS file system appends
             f.write(json.dumps(record) + "\n")
         with self._tb.as_default(step=step):
             for key, value in record.items():
