@@ -16,8 +16,12 @@ passes them down.
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
 import os
+import re
 import sys
+import tokenize
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -100,9 +104,9 @@ def resolve_gin_file(name: str) -> str:
     for candidate in (Path(name), REPO_ROOT / name):
         if candidate.is_file():
             return str(candidate)
+    looked = " and ".join(dict.fromkeys((os.getcwd(), str(REPO_ROOT))))  # once when they are the same
     raise FileNotFoundError(
-        f"gin file {name!r} not found (looked in {os.getcwd()} and {REPO_ROOT}). "
-        "Pass a path such as gin/models/52b.gin."
+        f"gin file {name!r} not found (looked in {looked}). Pass a path such as gin/models/52b.gin."
     )
 
 
@@ -118,15 +122,47 @@ def load_gin(
 
     if reads_data:
         import flm_jax.data  # noqa: F401
-    skip = () if reads_data else DATA_CONFIGURABLES
+    skip = [] if reads_data else list(DATA_CONFIGURABLES)
+    paths = [resolve_gin_file(f) for f in files]
+    where = "the workdir's config.gin"
     try:
         if config_text is not None:
-            gin.parse_config(config_text, skip_unknown=list(skip))
-        gin.parse_config_files_and_bindings(
-            [resolve_gin_file(f) for f in files], list(bindings), finalize_config=False, skip_unknown=list(skip)
+            gin.parse_config(config_text, skip_unknown=skip)
+        for name, path in zip(files, paths):
+            where = name
+            gin.parse_config_file(path, skip_unknown=skip)
+        for binding in bindings:  # one at a time, so that an error names its binding
+            where = "--gin." + binding.replace(" = ", "=", 1)
+            gin.parse_config(binding, skip_unknown=skip)
+    # An unknown configurable or parameter, a malformed value, a missing include.
+    except (ValueError, SyntaxError, tokenize.TokenError, OSError) as e:
+        text = e.args[0] if isinstance(e, tokenize.TokenError) else str(e)
+        if where.startswith("--gin."):  # gin's own location lines only repeat the binding
+            text = text.splitlines()[0]
+        if text.startswith("malformed node or string"):  # ast.literal_eval's words for an unquoted string
+            text = "the value is not a Python literal."
+        raise ConfigError(f"gin ({where}): {text} {gin_fix(text)}") from None
+
+
+def gin_fix(message: str) -> str:
+    """How to fix the gin error `message`."""
+    parameter = re.search(r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", message)
+    if parameter:
+        name, wrong = parameter.groups()
+        known = [p for p in inspect.signature(gin.get_configurable(name)).parameters if p not in ("args", "kwargs")]
+        close = difflib.get_close_matches(wrong, known, n=1)
+        return (f"Did you mean {close[0]!r}? " if close else "") + f"{name} takes {', '.join(known)}."
+    if "No configurable matching" in message:
+        return (
+            "Check the spelling: gin binds the classes and functions flm_jax registers, such as TeleFLMConfig, "
+            "MeshLayout, OptimizerConfig, TrainConfig and GrowthSpec."
         )
-    except (ValueError, SyntaxError) as e:  # an unknown configurable or parameter, a malformed value
-        raise ConfigError(f"gin: {e}") from None
+    if "Unable to open file" in message:
+        return "Fix the include's path (relative to the working directory or the repository root)."
+    return (
+        "Write the value as a Python literal: quote strings (--gin.TrainConfig.mixture=\"'flm_default'\"), "
+        "numbers as 1e-3, tuples ('a', 'b'), dicts {'data': -1}."
+    )
 
 
 def configured(cls: Callable[[], T]) -> T:
@@ -167,5 +203,6 @@ def run_tool(name: str, main: Callable[[], None]) -> None:
     try:
         main()
     except USER_ERRORS as e:
-        print(f"{name}: {e}", file=sys.stderr, flush=True)
+        message = re.sub(r"\n\s*In call to configurable [^\n]*", "", str(e))  # gin's note of where it raised
+        print(f"{name}: {' '.join(message.split())}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT) from None

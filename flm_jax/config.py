@@ -9,6 +9,11 @@ dtype, remat policy, attention implementation) are grouped at the end and never 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 import gin
@@ -35,6 +40,46 @@ MUP_BASE_FIELDS = ("mup_base_hidden_size", "mup_base_intermediate_size")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field and the fix."""
+
+
+# What each annotated type accepts, how a message names it, and an example binding.
+_TYPES = {
+    bool: (lambda v: isinstance(v, bool), "True or False", "True"),
+    int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "an integer", "10"),
+    float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number", "1e-3"),
+    str: (lambda v: isinstance(v, str), "a quoted string", "'text'"),
+    tuple: (lambda v: isinstance(v, (tuple, list)), "a tuple", "('a', 'b')"),
+    dict: (lambda v: isinstance(v, Mapping), "a dict", "{'key': 1}"),
+    type(None): (lambda v: v is None, "None", "None"),
+}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple]:
+    """Each field's accepted types as _TYPES keys (fields of other types are not checked)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(o) or o for o in options)
+        if all(k in _TYPES for k in kinds):
+            out[field.name] = kinds
+    return out
+
+
+def check_field_types(config: Any) -> None:
+    """Raise ConfigError for a field of the dataclass `config` whose value is not of its annotated type: gin passes
+    whatever a binding says (`--gin.TrainConfig.steps='10'` is a string), which would fail far from the binding."""
+    cls = type(config).__name__
+    for name, kinds in _field_types(type(config)).items():
+        value = getattr(config, name)
+        if not any(_TYPES[k][0](value) for k in kinds):
+            wanted = " or ".join(_TYPES[k][1] for k in kinds)
+            raise ConfigError(
+                f"{cls}.{name}={value!r} is {type(value).__name__}, not {wanted}: fix the binding in the gin file or "
+                f"on the command line, e.g. --gin.{cls}.{name}={_TYPES[kinds[0]][2]}"
+            )
 
 
 @gin.configurable
@@ -77,6 +122,7 @@ class TeleFLMConfig:
     attention_impl: str = "einsum"  # see ATTENTION_IMPLS
 
     def __post_init__(self):
+        check_field_types(self)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         self._validate()

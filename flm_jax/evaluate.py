@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 
 from flm_jax import cli, data
+from flm_jax.config import ConfigError
+from flm_jax.files import atomic_write_text, check_output_folder
 from flm_jax.inference.evaluation import evaluate
 from flm_jax.inference.loading import load_model
 from flm_jax.partitioning import MeshLayout
@@ -44,6 +46,12 @@ def main(argv=None) -> None:
     p.add_argument("--seq_len", type=int, default=256, help="packed row length (at most max_position_embeddings)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: flm_jax's tokenizer)")
     args = cli.parse(p, argv)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {out} is a folder; pass the path of the JSON file to write, e.g. {out / 'eval.json'}."
+        )
+    check_output_folder(out.parent, "--out's folder")
     data.register_tasks()  # the default tasks plus any registered from gin
     config, params = load_model(args.workdir, args.hf_dir, args.step)
     result = evaluate(
@@ -64,8 +72,8 @@ def main(argv=None) -> None:
         "step": args.step,
         "params": config.params_total(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1), flush=True)
 
 

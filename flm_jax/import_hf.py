@@ -14,6 +14,7 @@ import jax
 import gin
 from flm_jax import cli
 from flm_jax.config import RUNTIME_FIELDS
+from flm_jax.files import atomic_write_text
 from flm_jax.hf.importer import import_hf
 from flm_jax.partitioning import MeshLayout
 from flm_jax.training.checkpoint import CONFIG_GIN, config_gin_with_model
@@ -59,8 +60,9 @@ def main(argv=None) -> None:
     )
 
     if jax.process_index() == 0:
-        (Path(args.workdir) / CONFIG_GIN).write_text(
-            config_gin_with_model(gin.config_str(), config, f"Imported by flm_jax.import_hf from {args.hf_dir}")
+        atomic_write_text(
+            Path(args.workdir) / CONFIG_GIN,
+            config_gin_with_model(gin.config_str(), config, f"Imported by flm_jax.import_hf from {args.hf_dir}"),
         )
     print(
         f"Imported {args.hf_dir} into {args.workdir}/checkpoints/0 ({config.num_hidden_layers} layers, "

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 import gin
-from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.config import ConfigError, TeleFLMConfig, check_field_types
 from flm_jax.mup import param_multipliers
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -38,6 +38,7 @@ class OptimizerConfig:
     grad_clip_norm: float | None = 1.0
 
     def __post_init__(self):
+        check_field_types(self)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"OptimizerConfig.schedule={self.schedule!r} is not one of {SCHEDULES}.")
         if self.warmup_steps < 0 or self.peak_learning_rate <= 0:

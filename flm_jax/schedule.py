@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from flm_jax import cli
+from flm_jax.files import atomic_write_text, check_output_folder
 from flm_jax.growth.schedule import format_table, plot_schedule, run_schedule, stages
 
 
@@ -22,13 +23,14 @@ def main(argv=None) -> None:
     args = cli.parse(p, argv, reads_data=False)
     plan = stages()
     workdir = Path(args.workdir)
+    check_output_folder(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = run_schedule(workdir, plan)
     print(format_table(rows), flush=True)
     print(f"schedule wall time {time.time() - started:.0f} s", flush=True)
-    (workdir / "schedule.json").write_text(
-        json.dumps({"stages": rows, "wall_seconds": time.time() - started}, indent=1)
+    atomic_write_text(
+        workdir / "schedule.json", json.dumps({"stages": rows, "wall_seconds": time.time() - started}, indent=1)
     )
     plot_schedule(rows, workdir / "schedule.png")
 

@@ -63,6 +63,17 @@ def load_layout(name: str, **overrides) -> MeshLayout:
     return MeshLayout(**{**layout.__dict__, **overrides})
 
 
+# The MSG ramp of a growth of MODEL's shape at step 0 over 10 steps (as checkpoint metadata records it): a
+# checkpoint at step 2 is mid-ramp, mask 0.2, neither the source model nor the grown one.
+RAMP = {
+    "start_step": 0,
+    "ramp_steps": 10,
+    "old_hidden": 64,
+    "old_heads": 4,
+    "old_ffn": 128,
+    "new_layers": [False, False],
+}
+
 SINGLE = load_layout("single")
 FSDP_TP = load_layout("fsdp_tp", mesh_shape={"fsdp": 2, "tensor": 4})  # the 2x4 mesh on 8 devices
 FSDP8 = load_layout("fsdp", mesh_shape={"fsdp": 8})

@@ -31,7 +31,7 @@ from flm_jax.model import TeleFLM
 from flm_jax.training.checkpoint import Checkpointer, make_metadata
 from flm_jax.training.checkpoint_reader import CheckpointReader, read_params
 from flm_jax.training.config import TrainConfig
-from tests.helpers import MODEL, SINGLE, assert_trees_equal, restore, run_train
+from tests.helpers import MODEL, RAMP, SINGLE, assert_trees_equal, restore, run_train
 
 # GQA and a power-of-two input multiplier on top of test_train's μP model (logits x 0.5 / 2.0): folding and
 # unfolding powers of two is exact, so the llama round trip can be bitwise.
@@ -264,16 +264,6 @@ def test_export_reads_stacked_arrays_one_layer_at_a_time(run, tmp_path, monkeypa
     assert sorted(whole_reads) == [("embed_tokens",), ("lm_head",), ("norm", "scale")]
     assert sum("layer" in line and "written" in line for line in lines) == CONFIG.num_hidden_layers
     assert summary["peak_rss_mib"] > 0 and summary["files"] == ["model.safetensors"]
-
-
-RAMP = {
-    "start_step": 0,
-    "ramp_steps": 10,
-    "old_hidden": 64,
-    "old_heads": 4,
-    "old_ffn": 128,
-    "new_layers": [False, False],
-}
 
 
 def test_growth_masks_mid_ramp_are_refused_and_masks_at_0_are_folded(run, tmp_path, capsys):

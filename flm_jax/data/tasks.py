@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 import seqio  # noqa: E402  (after _tf)
 
 import gin
+from flm_jax.config import ConfigError
 from flm_jax.data import chat, corpus
 from flm_jax.data._tf import tf
 from flm_jax.data.vocab import get_vocabulary
@@ -251,10 +252,21 @@ def register_tasks(registrations: Sequence[str] = ()) -> list[str]:
     return register_default_tasks() + list(registrations)
 
 
+def task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+    """The registered task or mixture `name`; a ConfigError naming the registered ones when there is none."""
+    if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+        raise ConfigError(
+            f"{name!r} is neither a registered task nor a mixture; registered: "
+            f"{sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())}. Use one of them, or "
+            "register it in a gin file (register_tasks.registrations, docs/data.md)."
+        )
+    return seqio.get_mixture_or_task(name)
+
+
 def required_vocab_size(name: str) -> int:
     """The vocabulary size a model needs for task or mixture `name`: 2048 (VOCAB_SIZE) for the pretraining tasks,
     2050 (CHAT_VOCAB_SIZE) for chat tasks. A smaller model vocabulary would index its embedding out of range."""
-    return int(seqio.get_mixture_or_task(name).output_features["targets"].vocabulary.vocab_size)
+    return int(task_or_mixture(name).output_features["targets"].vocabulary.vocab_size)
 
 
 def task_text_key(name: str) -> str:

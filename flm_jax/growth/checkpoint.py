@@ -19,7 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.config import ConfigError
+from flm_jax.files import atomic_write_text, check_output_folder
 from flm_jax.growth import grow
 from flm_jax.growth.calibration import layer_distances, preservation, probe_batch
 from flm_jax.growth.msg import METADATA_KEY, MSGRamp
@@ -27,6 +28,7 @@ from flm_jax.growth.spec import GrowthSpec, target_config
 from flm_jax.optim import OptimizerConfig
 from flm_jax.partitioning import MeshLayout, make_mesh
 from flm_jax.training.checkpoint import Checkpointer, config_gin_with_model, make_metadata
+from flm_jax.training.checkpoint_reader import CheckpointReader
 from flm_jax.training.state import StateSpec
 
 
@@ -43,32 +45,27 @@ def grow_checkpoint(
     function."""
     started = time.time()
     dst = Path(dst_workdir)
+    check_output_folder(dst, "--workdir")
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
             raise ConfigError(
                 f"--workdir {dst} is not empty; grow never writes over a run. Choose an empty "
                 "folder or pass --overwrite."
             )
-    src_ckpt = Checkpointer(src_workdir)
-    step = src_ckpt.latest_step() if step is None else step
-    if step is None or step not in src_ckpt.all_steps():
-        raise ConfigError(
-            f"{src_workdir} has no checkpoint{'' if step is None else f' at step {step}'} "
-            f"(it has {src_ckpt.all_steps()})."
-        )
-    src_meta = src_ckpt.metadata(step)
+    source = CheckpointReader(src_workdir, step)  # the folder, the step, the metadata and the stored shapes
+    step, src_meta, src_cfg = source.step, source.metadata, source.config
     ramp = MSGRamp.from_metadata(src_meta)
     if ramp is not None:
         raise ConfigError(
             f"The checkpoint at step {step} is in the middle of a growth ramp (mask "
             f"{float(ramp.value(step)):g}); train past the ramp before growing again."
         )
-    src_cfg = TeleFLMConfig.from_dict(src_meta["model_config"])
     tgt_cfg = target_config(src_cfg, spec)  # raises for shrinking, head_dim changes, broken kv groups
     mesh = make_mesh(layout)
     # Only the state's structure matters here (the optimizer's settings never change it); the next run builds its
     # own optimizer from its config.
     src_spec = StateSpec.build(src_cfg, OptimizerConfig(), mesh, layout, step + 1)
+    src_ckpt = Checkpointer(src_workdir)
     try:
         state, data_state, _ = src_ckpt.restore(step, src_spec.abstract)
     except (ValueError, KeyError) as e:  # shapes in the checkpoint disagree with its metadata
@@ -139,13 +136,14 @@ def grow_checkpoint(
     )
     out.close()
     src_gin = Path(src_workdir, "config.gin")
-    (dst / "config.gin").write_text(
+    atomic_write_text(
+        dst / "config.gin",
         config_gin_with_model(
             src_gin.read_text() if src_gin.exists() else "",
             tgt_cfg,
             f"Grown from {src_workdir} step {step} by flm_jax.grow",
-        )
+        ),
     )
     report["wall_seconds"] = time.time() - started
-    (dst / "growth.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(dst / "growth.json", json.dumps(report, indent=1))
     return report

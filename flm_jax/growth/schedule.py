@@ -10,6 +10,7 @@ are skipped when the schedule runs again.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 import gin
 from flm_jax.config import ConfigError
+from flm_jax.files import atomic_write_bytes
 from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,6 +42,13 @@ def stages(stages: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
                 f"stage {i} of stages.stages has keys {sorted(stage)}; a stage has 'steps' and "
                 f"optionally 'gin_files' and 'growth' (put bindings in a stage gin file)."
             )
+        # Checked now, not when a later stage's process starts (after the earlier stages have trained).
+        for name in [*stage.get("gin_files", []), *([stage["growth"]] if stage.get("growth") else [])]:
+            if not Path(REPO_ROOT, name).is_file():
+                raise ConfigError(
+                    f"stage {i} of stages.stages names the gin file {name!r}, which does not exist (stages run from "
+                    f"{REPO_ROOT}); fix its path in the schedule gin file."
+                )
     return [dict(s) for s in stages]
 
 
@@ -140,8 +149,10 @@ def plot_schedule(rows: list[dict[str, Any]], path: Path) -> None:
     axes[0].set_ylabel("loss (nats/token)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=110, format="png")
     plt.close(fig)
+    atomic_write_bytes(path, png.getvalue())
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

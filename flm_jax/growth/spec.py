@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import gin
-from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.config import ConfigError, TeleFLMConfig, check_field_types
 
 MODES = ("exact", "msg")
 WIDTH_METHODS = ("new", "duplicate")  # new: fresh units (zero padding / zeroed outputs / masked); duplicate: copies
@@ -57,6 +57,7 @@ class GrowthSpec:
     expect_source: dict | None = None  # e.g. {"hidden_size": 256}: refuse a source checkpoint of another shape
 
     def __post_init__(self):
+        check_field_types(self)
         checks = (
             ("mode", MODES),
             ("hidden_method", WIDTH_METHODS),

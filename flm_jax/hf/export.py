@@ -6,8 +6,9 @@
 
 The checkpoint is streamed a layer at a time (flm_jax/training/checkpoint_reader.py) into safetensors files written
 tensor by tensor (flm_jax/hf/weights.py), so host memory holds about one layer plus the embedding or the head at any
-moment.
-A checkpoint in the middle of a growth mask ramp is refused. See docs/export.md.
+moment. The files are staged in a private folder and moved into the output folder once all are complete, so a
+failed export (a damaged checkpoint) changes nothing. A checkpoint in the middle of a growth mask ramp is refused.
+See docs/export.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from flm_jax.config import ConfigError
+from flm_jax.files import check_output_folder, staged_folder
 from flm_jax.growth.fold import plain_source
 from flm_jax.hf.layout import (
     FORMATS,
@@ -59,14 +61,17 @@ def _hf_tensor(source: ParamSource, tensor: Tensor, layer: int | None, fmt: str)
     return tensor.to_hf(x)
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its model files.")
-        for p in out.glob("*.safetensors"):
+def _check_out(out: Path, overwrite: bool) -> None:
+    check_output_folder(out, "--out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its model files.")
+
+
+def _remove_stale(out: Path, files: list[str]) -> None:
+    """Model files of an earlier export that this one does not replace (another sharding)."""
+    for p in [*out.glob("*.safetensors"), out / INDEX_FILE]:
+        if p.name not in files and p.exists():
             p.unlink()
-        (out / INDEX_FILE).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def export(
@@ -85,12 +90,15 @@ def export(
         raise ConfigError(f"format {fmt!r} is not one of {FORMATS}")
     if dtype not in SAFETENSORS_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
+    max_shard_bytes = parse_size(max_shard_size)
+    if tokenizer not in (None, "none") and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer} not found: pass a SentencePiece model, or none to skip it.")
+    out = Path(out)
+    _check_out(out, overwrite)
     start = time.time()
     reader = CheckpointReader(workdir, step)
     source = plain_source(reader)
     config = source.config
-    out = Path(out)
-    _prepare_out(out, overwrite)
 
     order = hf_order(config.num_hidden_layers)
     specs = []
@@ -103,24 +111,26 @@ def export(
             f"warning: {len(slow)} stacked arrays are not stored one layer per chunk; each layer read "
             "decompresses the whole array (re-save the checkpoint with flm_jax.training.checkpoint to stream)."
         )
-    writer = SafetensorsWriter(out, specs, dtype, parse_size(max_shard_size))
-    progress(
-        f"exporting step {reader.step} of {workdir} as {fmt} {dtype} into {out} "
-        f"({len(writer.files)} file{'s' if len(writer.files) > 1 else ''})"
-    )
-
-    for tensor, layer in order:
-        writer.write(tensor.name(layer), _hf_tensor(source, tensor, layer, fmt))
-        if tensor is LAYER_TENSORS[-1] or tensor is LM_HEAD:  # a layer (or the head) is complete
-            done = "head" if tensor is LM_HEAD else f"layer {layer + 1}/{config.num_hidden_layers}"
-            progress(f"  {done} written  {time.time() - start:6.1f} s  peak RSS {peak_rss_mib():7.0f} MiB")
-    files = writer.close()
-
-    if tokenizer != "none":  # before config.json, which AutoTokenizer would read (TeleFLM is unknown to it)
-        save_tokenizer(out, tokenizer or default_tokenizer_path(), config)
-    make_config = llama_config if fmt == LLAMA else teleflm_config
-    (out / "config.json").write_text(json.dumps(make_config(config, dtype), indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+    # Everything is written into a staging folder and moved into `out` only once complete: a failure part-way (a
+    # damaged checkpoint) leaves `out` as it was.
+    with staged_folder(out) as stage:
+        writer = SafetensorsWriter(stage, specs, dtype, max_shard_bytes)
+        progress(
+            f"exporting step {reader.step} of {workdir} as {fmt} {dtype} into {out} "
+            f"({len(writer.files)} file{'s' if len(writer.files) > 1 else ''})"
+        )
+        for tensor, layer in order:
+            writer.write(tensor.name(layer), _hf_tensor(source, tensor, layer, fmt))
+            if tensor is LAYER_TENSORS[-1] or tensor is LM_HEAD:  # a layer (or the head) is complete
+                done = "head" if tensor is LM_HEAD else f"layer {layer + 1}/{config.num_hidden_layers}"
+                progress(f"  {done} written  {time.time() - start:6.1f} s  peak RSS {peak_rss_mib():7.0f} MiB")
+        files = writer.close()
+        if tokenizer != "none":  # before config.json, which AutoTokenizer would read (TeleFLM is unknown to it)
+            save_tokenizer(stage, tokenizer or default_tokenizer_path(), config)
+        make_config = llama_config if fmt == LLAMA else teleflm_config
+        (stage / "config.json").write_text(json.dumps(make_config(config, dtype), indent=2) + "\n")
+        (stage / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+        _remove_stale(out, files)
     summary = {
         "out": str(out),
         "format": fmt,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flm_jax.config import ConfigError, TeleFLMConfig
+from flm_jax.files import check_output_folder
 from flm_jax.hf.layout import (
     EMBED,
     FOLDED_MUP_KEY,
@@ -152,7 +153,10 @@ def read_hf(
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")
-    hf = json.loads((hf_dir / "config.json").read_text())
+    try:
+        hf = json.loads((hf_dir / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise HFImportError(f"{hf_dir}/config.json is not valid JSON ({e}); fix it or download it again.") from None
     fmt = hf_format(hf)
     overrides = {
         "use_mup": use_mup,
@@ -181,6 +185,7 @@ def import_hf(
     """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir (read_hf's arguments); returns
     the model config."""
     hf_dir, workdir = Path(hf_dir), Path(workdir)
+    check_output_folder(workdir, "--workdir")
     if checkpoint_dir(workdir).is_dir() and any(checkpoint_dir(workdir).iterdir()):
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir.")
     model = read_hf(hf_dir, runtime, use_mup, input_mult, output_mult, mup_scale_factor)

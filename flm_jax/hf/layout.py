@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flm_jax.config import MUP_BASE_FIELDS, ConfigError, TeleFLMConfig
+from flm_jax.config import MUP_BASE_FIELDS, SHAPE_FIELDS, ConfigError, TeleFLMConfig
 
 LLAMA, TELEFLM = "llama", "teleflm"
 FORMATS = (LLAMA, TELEFLM)
@@ -174,7 +174,9 @@ def hf_format(hf_config: dict[str, Any]) -> str:
     if model_type == "teleflm":
         return TELEFLM
     raise ConfigError(
-        f"config.json has model_type {hf_config.get('model_type')!r}; import reads 'llama' and 'TeleFLM' folders only."
+        f"config.json has model_type {hf_config.get('model_type')!r} (architectures "
+        f"{hf_config.get('architectures')}); import reads 'llama' (LlamaForCausalLM) and 'TeleFLM' folders only: "
+        "pass a folder of one of those."
     )
 
 
@@ -197,6 +199,9 @@ def config_from_hf(hf: dict[str, Any], mup: dict[str, Any], runtime: dict[str, A
     bad = {k: v for k, (v, want) in unsupported.items() if v != want}
     if bad:
         raise ConfigError(f"config.json has {bad}; the Tele-FLM architecture needs silu and no biases.")
+    missing = [k for k in SHAPE_FIELDS if k not in hf]
+    if missing:
+        raise ConfigError(f"config.json lacks {missing}, which give the model's shape; add them to it.")
     heads = int(hf["num_attention_heads"])
     config = TeleFLMConfig.from_dict(  # from_dict: a record without the μP base shape reads as it was written
         dict(

@@ -10,6 +10,7 @@ the Hugging Face sharding convention (model-0000k-of-0000n.safetensors plus mode
 from __future__ import annotations
 
 import json
+import pickle  # only for the error torch.load(weights_only=True) raises: nothing here unpickles
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -157,17 +158,33 @@ class HFWeights:
         return {name: file for name in self._safetensors(file).keys()}
 
     def _safetensors(self, file: str):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if file not in self._handles:
-            self._handles[file] = safe_open(str(self.dir / file), framework="numpy")
+            try:
+                self._handles[file] = safe_open(str(self.dir / file), framework="numpy")
+            except (SafetensorError, OSError) as e:
+                raise ConfigError(
+                    f"{self.dir / file} is not a readable safetensors file ({e}); download or export it again."
+                ) from None
         return self._handles[file]
 
     def _bin_file(self, file: str) -> dict:
         import torch
 
         if file not in self._bin:
-            self._bin = {file: torch.load(self.dir / file, map_location="cpu", weights_only=True, mmap=True)}
+            try:
+                self._bin = {file: torch.load(self.dir / file, map_location="cpu", weights_only=True, mmap=True)}
+            except pickle.UnpicklingError as e:  # torch's own advice (weights_only=False) would run the code
+                refused = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), "")
+                raise ConfigError(
+                    f"{self.dir / file} holds pickled objects besides tensors, which are never loaded ({refused}); "
+                    "convert the weights to safetensors from a copy you trust."
+                ) from None
+            except RuntimeError as e:
+                raise ConfigError(
+                    f"{self.dir / file} is not a readable PyTorch file ({str(e).splitlines()[0]}); download it again."
+                ) from None
         return self._bin[file]
 
     def names(self) -> list[str]:

@@ -28,7 +28,7 @@ from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.inference.generate import generate
 from flm_jax.inference.scoring import score_continuations, with_bos
 from flm_jax.params import param_shardings
-from flm_jax.partitioning import MeshLayout, batch_sharding, make_mesh, replicated
+from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, make_mesh, replicated
 from flm_jax.training.evaluation import host_validation_set, score_sets
 from flm_jax.training.step import make_eval_step
 
@@ -37,14 +37,8 @@ import seqio  # isort: skip  (after flm_jax.data, which sets TensorFlow up)
 
 def tasks_of(name: str) -> list[str]:
     """The tasks of a registered seqio mixture (or the task itself)."""
-    if name in seqio.MixtureRegistry.names():
-        return [task.name for task in seqio.get_mixture_or_task(name).tasks]
-    if name in seqio.TaskRegistry.names():
-        return [name]
-    raise ConfigError(
-        f"{name!r} is neither a registered task nor a mixture; registered: "
-        f"{sorted(seqio.TaskRegistry.names()) + sorted(seqio.MixtureRegistry.names())}"
-    )
+    found = data.tasks.task_or_mixture(name)
+    return [task.name for task in found.tasks] if isinstance(found, seqio.Mixture) else [name]
 
 
 def register_file(path: str | Path) -> str:
@@ -94,21 +88,59 @@ def multiple_choice(
     return {"accuracy": right / len(items), "accuracy_norm": right_norm / len(items), "count": len(items)}
 
 
-def exact_match(params, config: TeleFLMConfig, path: str | Path, max_new_tokens: int = 48) -> dict[str, Any]:
-    """Accuracy of greedy answers to the last user turn of each chat record (the conversation before it, earlier
-    answers included, is the prompt), decoded in one batch with the KV cache."""
+def chat_records(path: str | Path) -> list[list[data.chat.Message]]:
+    """The conversations of a chat JSONL file; a malformed line is a ChatFormatError naming it."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [data.parse_chat_line(line, str(path), number) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def check_chat_model(config: TeleFLMConfig) -> None:
     if config.vocab_size < data.CHAT_VOCAB_SIZE:
         raise ConfigError(
             f"exact-match scoring of chat data needs a model with the chat tokenizer's vocabulary "
             f"(vocab_size >= {data.CHAT_VOCAB_SIZE}, a fine-tuned model); this one has {config.vocab_size}."
         )
+
+
+def check_inputs(
+    config: TeleFLMConfig,
+    layout: MeshLayout,
+    mixture: str,
+    text_files: Sequence[str],
+    choice_files: Sequence[str],
+    chat_files: Sequence[str],
+    batch_size: int,
+) -> None:
+    """Raise, before any work, for an input that evaluate() cannot use: an unknown mixture, a missing or malformed
+    file, chat files for a model without the chat vocabulary, a batch that the mesh cannot split."""
+    tasks_of(mixture)
+    for flag, files in (("--text_file", text_files), ("--choices_file", choice_files), ("--chat_file", chat_files)):
+        for path in files:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{flag} {path} does not exist.")
+    for path in choice_files:
+        choice_items(path)
+    for path in chat_files:
+        chat_records(path)
+    if chat_files:
+        check_chat_model(config)
+    split = batch_split(make_mesh(layout), layout)
+    if batch_size % split:
+        raise ConfigError(
+            f"batch_size={batch_size} is not a multiple of the mesh's batch split ({split}, MeshLayout "
+            f"{layout.name!r}); pass a multiple of {split} (--batch_size) or a mesh with fewer batch shards."
+        )
+
+
+def exact_match(params, config: TeleFLMConfig, path: str | Path, max_new_tokens: int = 48) -> dict[str, Any]:
+    """Accuracy of greedy answers to the last user turn of each chat record (the conversation before it, earlier
+    answers included, is the prompt), decoded in one batch with the KV cache."""
+    check_chat_model(config)
     sp = spm.SentencePieceProcessor(model_file=data.CHAT_TOKENIZER_PATH)
     prompts, references = [], []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            messages = data.parse_chat_line(line, str(path), number)
-            prompts.append(data.render_chat(messages[:-1], sp).ids)
-            references.append(messages[-1].content)
+    for messages in chat_records(path):
+        prompts.append(data.render_chat(messages[:-1], sp).ids)
+        references.append(messages[-1].content)
     new = generate(params, config, prompts, max_new_tokens, eos_id=config.eos_token_id)
     answers = [
         sp.decode(row[: row.index(config.eos_token_id)] if config.eos_token_id in row else row) for row in new.tolist()
@@ -132,6 +164,7 @@ def evaluate(
     tokenizer: str | Path | None = None,
 ) -> dict[str, Any]:
     """The evaluate JSON (see the module docstring) of a plain model's parameters (numpy or device arrays)."""
+    check_inputs(config, layout, mixture, text_files, choice_files, chat_files, batch_size)
     seq_len = min(seq_len, config.max_position_embeddings)
     mesh = make_mesh(layout)
     shardings = param_shardings(config, mesh, layout)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from flm_jax.config import TeleFLMConfig
+from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.optim import OptimizerConfig
 from flm_jax.params import boxed_abstract_params
 from flm_jax.partitioning import MeshLayout, logical_specs, make_mesh
@@ -59,11 +59,19 @@ class CheckpointReader:
                 raise FileNotFoundError(f"{root} holds no complete checkpoint.")
             self.step = max(steps) if step is None else step
             if self.step not in steps:
-                raise FileNotFoundError(f"{root} has no step {self.step}; it has steps {sorted(steps)}.")
-            self.metadata: dict[str, Any] = ckpt.metadata(self.step)
+                raise FileNotFoundError(
+                    f"{root} has no step {self.step}; it has steps {sorted(steps)}: pass one of them as --step."
+                )
+            try:
+                self.metadata: dict[str, Any] = ckpt.metadata(self.step)
+                self.config = TeleFLMConfig.from_dict(self.metadata["model_config"])
+            except (ValueError, KeyError, TypeError, OSError) as e:
+                raise ConfigError(
+                    f"{root}/{self.step}/metadata is damaged ({type(e).__name__}: {e}); restore the checkpoint from "
+                    f"a copy, or pass --step with another of its steps {sorted(steps)}."
+                ) from None
         finally:
             ckpt.close()
-        self.config = TeleFLMConfig.from_dict(self.metadata["model_config"])
         self.state_dir = root / str(self.step) / "state"
         if not self.state_dir.is_dir():
             raise FileNotFoundError(
@@ -72,6 +80,28 @@ class CheckpointReader:
         # No cache: a read returns fresh memory and nothing lingers after it is dropped.
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
         self._arrays: dict[TreePath, ts.TensorStore] = {}
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        """The stored parameters must have the shapes of the metadata's model config (checked before any read)."""
+        expected = nn.meta.unbox(boxed_abstract_params(self.config))
+        wrong = []
+        for keys, leaf in jax.tree_util.tree_leaves_with_path(expected):
+            path = tuple(str(k.key) for k in keys)
+            if self.shape(path) != leaf.shape:
+                wrong.append(f"{'/'.join(path)} {list(self.shape(path))} (config: {list(leaf.shape)})")
+        if wrong:
+            raise ConfigError(
+                f"{self.state_dir}: the stored parameters do not match the model config in the checkpoint's "
+                f"metadata: {', '.join(wrong)}. The metadata was edited or belongs to another checkpoint; restore the "
+                "checkpoint from a copy."
+            )
+
+    def _damaged(self, path: TreePath, e: Exception) -> ConfigError:
+        return ConfigError(
+            f"parameter {'/'.join(path)} cannot be read from {self.state_dir} ({e}): the checkpoint is damaged "
+            "(a missing or truncated file). Restore it from a copy, or use another step (--step)."
+        )
 
     def array(self, path: TreePath) -> ts.TensorStore:
         """The lazily opened tensorstore of params/<path>."""
@@ -87,7 +117,7 @@ class CheckpointReader:
             try:
                 self._arrays[path] = ts.open(spec, open=True, read=True, context=self._context).result()
             except ValueError as e:
-                raise KeyError(f"parameter {'/'.join(path)} not found in {self.state_dir}: {e}") from None
+                raise self._damaged(path, e) from None
         return self._arrays[path]
 
     def shape(self, path: TreePath) -> tuple[int, ...]:
@@ -98,10 +128,18 @@ class CheckpointReader:
         return self.array(path).chunk_layout.read_chunk.shape[0] == 1
 
     def read(self, path: TreePath) -> np.ndarray:
-        return self.array(path).read().result()
+        array = self.array(path)
+        try:
+            return array.read().result()
+        except ValueError as e:
+            raise self._damaged(path, e) from None
 
     def read_layer(self, path: TreePath, layer: int) -> np.ndarray:
-        return self.array(path)[layer].read().result()
+        array = self.array(path)
+        try:
+            return array[layer].read().result()
+        except ValueError as e:
+            raise self._damaged(path, e) from None
 
 
 def read_params(source: ParamSource) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import gin
-from flm_jax.config import ConfigError
+from flm_jax.config import ConfigError, check_field_types
 
 
 @gin.configurable
@@ -43,6 +43,7 @@ class TrainConfig:
     async_checkpointing: bool = True
 
     def __post_init__(self):
+        check_field_types(self)
         if self.batch_size % self.num_microbatches:
             raise ConfigError(
                 f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="
