@@ -221,6 +221,12 @@ CASES = {
         (*GROW, "--gin.GrowthSpec.hidden_size='wide'"),
         r"GrowthSpec.hidden_size='wide' is str, not an integer or None",
     ),
+    "mesh binding of the wrong type": Case(
+        "plan",
+        (*FLAGS, "--gin.MeshLayout.mesh_shape=8"),
+        r"MeshLayout.mesh_shape=8 is int, not a dict",
+        needs_fix="flm_jax/partitioning.py",
+    ),
     "binding without a value": Case("plan", (*FLAGS, "--gin.TrainConfig.steps"), r"needs a value: --gin.TrainConfig"),
     "no model gin file": Case("plan", (), r"Required bindings .* Include a model gin file, e\.g\. --gin_file="),
     # workdirs and output folders
@@ -298,6 +304,13 @@ CASES = {
         ("--workdir={tmp}/ckpt", "--prompt=hi"),
         r"checkpoints/2/metadata is damaged \(JSONDecodeError: .*\); restore the checkpoint from a copy",
         copy("ckpt", lambda w: metadata_file(w).write_text('{"format": "flm_jax/1", "model_con')),
+    ),
+    "resume from damaged metadata": Case(
+        "train",
+        (*FLAGS, "--workdir={tmp}/ckpt"),
+        r"checkpoints/2/metadata is damaged .* restore the checkpoint from a copy",
+        copy("ckpt", lambda w: metadata_file(w).write_text('{"format": "flm_jax/1", "model_con')),
+        needs_fix="flm_jax/training/checkpoint.py",
     ),
     # growth
     "grow to a smaller shape": Case(
