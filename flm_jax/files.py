@@ -1,30 +1,34 @@
 """Writing the tools' output files safely: checked before any work starts, and never seen half-written.
 
-A file is written under a temporary name in its own folder, then renamed over its name (os.replace is atomic within
-a filesystem), so a crash or an error leaves the old file or the new one, never a mix. A folder of files that
-belong together (a Hugging Face export) is written into a private staging folder inside it and moved in only when
-every file is complete; a failure removes the staging folder, so the disk is left as it was.
+A local file is written under a temporary name in its own folder, then renamed over its name (os.replace is atomic
+within a filesystem), so a crash or an error leaves the old file or the new one, never a mix; an object in a bucket
+(gs://) appears only when its upload completes, so it is written directly. A folder of files that belong together
+(a Hugging Face export) is written into a private staging folder inside it and moved in only when every file is
+complete; a failure removes the staging folder, so the disk is left as it was. Paths are flm_jax.paths paths.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+
+from etils import epath
 
 from flm_jax.config import ConfigError
+from flm_jax.paths import PathLike, as_path, is_remote
 
 
-def check_output_folder(path: str | Path, what: str) -> None:
+def check_output_folder(path: PathLike, what: str) -> None:
     """Raise ConfigError unless `path` is a folder, or one can be created there, that this process may write into.
-    `what` names the path in the message (e.g. '--workdir')."""
-    path = Path(path)
+    `what` names the path in the message (e.g. '--workdir'). A bucket's permissions show only when writing."""
+    path = as_path(path)
+    if is_remote(path):
+        return
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} is a file, not a folder; pass the path of a folder (or move the file).")
-    existing = path.absolute()
+    existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
@@ -36,31 +40,34 @@ def check_output_folder(path: str | Path, what: str) -> None:
         )
 
 
-def _temporary(path: Path) -> Path:
+def _temporary(path: epath.Path) -> epath.Path:
     """A fresh name next to `path`, hidden and unique to this write."""
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    path = as_path(path)
+    if is_remote(path):
+        path.write_bytes(data)
+        return
     tmp = _temporary(path)
     try:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+        tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | Path) -> Iterator[Path]:
+def staged_folder(out: PathLike) -> Iterator[epath.Path]:
     """A staging folder inside `out` (created if need be) to write files into. When the block succeeds they are
     renamed into `out`, each replacing the file of its name; when it fails they are removed, and so is `out` if
     this created it."""
-    out = Path(out)
+    out = as_path(out)
     created = None
     if not out.exists():
         created = out
@@ -72,10 +79,10 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
     try:
         yield stage
         for file in sorted(stage.iterdir()):
-            os.replace(file, out / file.name)
+            file.replace(out / file.name)
     except BaseException:
         if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+            created.rmtree(missing_ok=True)
         raise
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        stage.rmtree(missing_ok=True)

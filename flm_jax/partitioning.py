@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import gin
-from flm_jax.config import ConfigError
+from flm_jax.config import ConfigError, check_field_types
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PARAM_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", "layers", "norm")
@@ -72,6 +72,7 @@ class MeshLayout:
     topology: str | None = None
 
     def __post_init__(self):
+        check_field_types(self)
         unknown = sorted(set(self.mesh_shape) - set(MESH_AXES))
         if unknown:
             raise ConfigError(

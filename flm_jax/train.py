@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import gin
 from flm_jax import cli, data, hardware
 from flm_jax.config import TeleFLMConfig
 from flm_jax.optim import OptimizerConfig
 from flm_jax.partitioning import MeshLayout
+from flm_jax.paths import as_path
 from flm_jax.training.checkpoint import read_config_gin
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.loop import train
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     args = cli.parse(build_parser(), argv, load=False)
-    workdir = Path(args.workdir)
+    workdir = as_path(args.workdir)
     saved = None if args.gin_file else read_config_gin(workdir)
     cli.load_gin(args.gin_file, args.gin_bindings, config_text=saved)
     cli.init_distributed(args)

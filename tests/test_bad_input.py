@@ -168,7 +168,6 @@ class Case:
     argv: tuple[str, ...]  # '{tmp}' is the case's folder; '{ckpt}', '{ramp}', '{hf}' the shared inputs
     match: str  # what the error line must say: the problem and the fix
     setup: Callable[[Path, dict], None] | None = None
-    needs_fix: str | None = None  # a known failure: the file whose fix it waits for
 
 
 GROW = ("--from_workdir={ckpt}", "--workdir={tmp}/grown")
@@ -176,7 +175,6 @@ EXPORT = ("--out={tmp}/out", "--tokenizer=none")
 IMPORT = ("--hf_dir={tmp}/hf", "--workdir={tmp}/run")
 EVALUATE = ("--workdir={ckpt}", "--out={tmp}/eval.json")
 # train creates WORKDIR and WORKDIR/checkpoints before it checks the run (flm_jax/training/loop.py: train()).
-LOOP = "flm_jax/training/loop.py"
 LM_EVAL_TASKS = str(cli.REPO_ROOT / "flm_jax" / "data" / "assets" / "lm_eval_tasks")
 CASES = {
     # gin: files, configurables, bindings, values
@@ -225,7 +223,6 @@ CASES = {
         "plan",
         (*FLAGS, "--gin.MeshLayout.mesh_shape=8"),
         r"MeshLayout.mesh_shape=8 is int, not a dict",
-        needs_fix="flm_jax/partitioning.py",
     ),
     "binding without a value": Case("plan", (*FLAGS, "--gin.TrainConfig.steps"), r"needs a value: --gin.TrainConfig"),
     "no model gin file": Case("plan", (), r"Required bindings .* Include a model gin file, e\.g\. --gin_file="),
@@ -235,7 +232,6 @@ CASES = {
         (*FLAGS, "--workdir={tmp}/run"),
         r"--workdir .*run is a file, not a folder",
         file_at("run"),
-        needs_fix="flm_jax/train.py",
     ),
     "grow into a file": Case(
         "grow", GROW, r"--workdir .*grown is a file, not a folder; pass the path of a folder", file_at("grown")
@@ -310,7 +306,6 @@ CASES = {
         (*FLAGS, "--workdir={tmp}/ckpt"),
         r"checkpoints/2/metadata is damaged .* restore the checkpoint from a copy",
         copy("ckpt", lambda w: metadata_file(w).write_text('{"format": "flm_jax/1", "model_con')),
-        needs_fix="flm_jax/training/checkpoint.py",
     ),
     # growth
     "grow to a smaller shape": Case(
@@ -431,7 +426,6 @@ CASES = {
         "train",
         (*FLAGS, "--gin_file=gin/meshes/data_parallel.gin", "--gin.TrainConfig.batch_size=3", "--workdir={tmp}/run"),
         r"batch_size=3 must be a multiple of the mesh's batch split \(8\)",
-        needs_fix=LOOP,
     ),
     # data
     "unknown data task": Case(
@@ -443,7 +437,6 @@ CASES = {
         "train",
         (*FLAGS, "--gin.TrainConfig.mixture='nope'", "--workdir={tmp}/run"),
         r"'nope' is neither a registered task nor a mixture",
-        needs_fix=LOOP,
     ),
     "SFT JSONL with a broken line": Case(
         "evaluate",
@@ -466,12 +459,6 @@ CASES = {
 }
 
 
-def params():
-    for name, case in CASES.items():
-        marks = [pytest.mark.xfail(strict=True, reason=f"needs fix in {case.needs_fix}")] if case.needs_fix else []
-        yield pytest.param(case, id=name, marks=marks)
-
-
 def fill(arg: str, **paths: Path) -> str:
     for name, path in paths.items():
         arg = arg.replace("{" + name + "}", str(path))
@@ -492,7 +479,7 @@ def snapshot(*roots: Path) -> dict[tuple[str, str], tuple]:
     return entries
 
 
-@pytest.mark.parametrize("case", params())
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, inputs, tmp_path, capsys, monkeypatch):
     gin.clear_config()
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # lm_eval's main sets it for lm-eval's own parser

@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flm_jax.config import TeleFLMConfig
+from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.paths import PathLike, as_path
 
 LAYER_STACK_LAYOUT = {"stacked_axis": 0, "collection": "layers", "scan": True}
@@ -178,7 +178,14 @@ class Checkpointer:
 
     def metadata(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+        except (ValueError, OSError) as e:  # json.JSONDecodeError: a damaged file; FileNotFoundError: none
+            others = sorted(set(self.all_steps()) - {step})
+            raise ConfigError(
+                f"{self.directory}/{step}/metadata is damaged ({type(e).__name__}: {e}); restore the checkpoint from "
+                f"a copy, or use one of its other steps {others} (pass --step, or delete step {step} to resume)."
+            ) from None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

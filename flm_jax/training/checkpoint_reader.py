@@ -14,7 +14,6 @@ with no gin config and no mesh: what notebooks/inspect_pytrees.ipynb looks at.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Protocol
 
 import flax.linen as nn
@@ -26,6 +25,7 @@ from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.optim import OptimizerConfig
 from flm_jax.params import boxed_abstract_params
 from flm_jax.partitioning import MeshLayout, logical_specs, make_mesh
+from flm_jax.paths import PathLike, is_remote
 from flm_jax.training.checkpoint import Checkpointer, checkpoint_dir
 from flm_jax.training.state import StateSpec, TrainState
 
@@ -48,7 +48,7 @@ class ParamSource(Protocol):
 class CheckpointReader:
     """Parameters of one checkpoint step (default: the latest) of a flm_jax workdir."""
 
-    def __init__(self, workdir: str | Path, step: int | None = None):
+    def __init__(self, workdir: PathLike, step: int | None = None):
         root = checkpoint_dir(workdir)
         if not root.is_dir():
             raise FileNotFoundError(f"{workdir} has no checkpoints/ folder: is it a flm_jax workdir?")
@@ -62,13 +62,13 @@ class CheckpointReader:
                 raise FileNotFoundError(
                     f"{root} has no step {self.step}; it has steps {sorted(steps)}: pass one of them as --step."
                 )
+            self.metadata: dict[str, Any] = ckpt.metadata(self.step)  # a damaged file: ConfigError
             try:
-                self.metadata: dict[str, Any] = ckpt.metadata(self.step)
                 self.config = TeleFLMConfig.from_dict(self.metadata["model_config"])
-            except (ValueError, KeyError, TypeError, OSError) as e:
+            except (ValueError, KeyError, TypeError) as e:
                 raise ConfigError(
-                    f"{root}/{self.step}/metadata is damaged ({type(e).__name__}: {e}); restore the checkpoint from "
-                    f"a copy, or pass --step with another of its steps {sorted(steps)}."
+                    f"{root}/{self.step}/metadata holds no valid model config ({type(e).__name__}: {e}); restore the "
+                    f"checkpoint from a copy, or pass --step with another of its steps {sorted(steps)}."
                 ) from None
         finally:
             ckpt.close()
@@ -110,7 +110,7 @@ class CheckpointReader:
                 "driver": "zarr",
                 "kvstore": {
                     "driver": "ocdbt",
-                    "base": f"file://{self.state_dir}/",
+                    "base": f"{self.state_dir}/" if is_remote(self.state_dir) else f"file://{self.state_dir}/",
                     "path": ".".join(("params",) + path) + "/",
                 },
             }
@@ -148,7 +148,7 @@ def read_params(source: ParamSource) -> dict:
     return jax.tree_util.tree_map_with_path(lambda path, _: source.read(tuple(str(k.key) for k in path)), abstract)
 
 
-def read_train_state(workdir: str | Path, step: int | None = None) -> tuple[TeleFLMConfig, TrainState, dict[str, Any]]:
+def read_train_state(workdir: PathLike, step: int | None = None) -> tuple[TeleFLMConfig, TrainState, dict[str, Any]]:
     """(model config, train state {'step', 'params', 'opt_state'}, metadata) of one checkpoint step (default: the
     latest), restored whole onto the default device: no gin config and no mesh needed, the metadata gives the
     shapes. The optimizer's settings never change its state's structure (flm_jax/optim.py), so the defaults

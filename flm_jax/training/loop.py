@@ -17,13 +17,14 @@ from etils import epath
 
 from flm_jax import data
 from flm_jax.config import MUP_BASE_FIELDS, RUNTIME_FIELDS, ConfigError, TeleFLMConfig, human_count
+from flm_jax.files import atomic_write_text, check_output_folder
 from flm_jax.growth.msg import METADATA_KEY, MSGRamp
 from flm_jax.hardware import peak_flops_per_device
 from flm_jax.optim import OptimizerConfig
 from flm_jax.params import init_params
 from flm_jax.partitioning import MeshLayout, batch_sharding, batch_split, global_batch, make_mesh
 from flm_jax.paths import PathLike, as_path
-from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer, make_metadata
+from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer, checkpoint_dir, make_metadata
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.evaluation import Evaluator
 from flm_jax.training.init_from import INHERITED_FIELDS, source_params
@@ -72,7 +73,7 @@ def train(
     checkpoint has been checked against the model (a refused run leaves the old file). Returns the last logged
     metrics."""
     workdir = as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(workdir, "--workdir")
     mesh = make_mesh(layout)
     split = batch_split(mesh, layout)
     if train_cfg.batch_size % (split * train_cfg.num_microbatches):
@@ -81,8 +82,12 @@ def train(
             f"split ({split}) x num_microbatches ({train_cfg.num_microbatches})."
         )
 
-    ckpt = Checkpointer(workdir, train_cfg.checkpoint_every, train_cfg.max_to_keep, train_cfg.async_checkpointing)
-    latest = ckpt.latest_step()
+    # Everything is checked before the workdir is created: a refused run leaves the disk as it was.
+    def open_checkpointer() -> Checkpointer:
+        return Checkpointer(workdir, train_cfg.checkpoint_every, train_cfg.max_to_keep, train_cfg.async_checkpointing)
+
+    ckpt = open_checkpointer() if checkpoint_dir(workdir).exists() else None
+    latest = ckpt.latest_step() if ckpt else None
     saved_meta = ckpt.metadata(latest) if latest is not None else {}
     provenance, initial = {}, None
     if train_cfg.init_from and latest is None:
@@ -107,8 +112,11 @@ def train(
     spec = StateSpec.build(
         model_cfg, optimizer_cfg, mesh, layout, train_cfg.steps, saved_meta.get("stage_start_step", 0)
     )
+    if ckpt is None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        ckpt = open_checkpointer()
     if config_gin is not None and jax.process_index() == 0:
-        (workdir / CONFIG_GIN).write_text(config_gin)
+        atomic_write_text(workdir / CONFIG_GIN, config_gin)
     if latest is not None:
         state, data_state, _ = ckpt.restore(latest, spec.abstract)
         print(f"Resumed from {workdir}/checkpoints/{latest}.", flush=True)
