@@ -186,7 +186,9 @@ def init_distributed(args: argparse.Namespace) -> None:
     prints to stdout."""
     import jax
 
-    if args.coordinator_address or args.num_processes:
+    if jax.distributed.is_initialized():  # a tool called from a program that started it (tests/multihost_tools.py)
+        pass
+    elif args.coordinator_address or args.num_processes:
         if None in (args.coordinator_address, args.num_processes, args.process_id):
             raise ConfigError("--coordinator_address, --num_processes and --process_id go together.")
         jax.distributed.initialize(

@@ -31,7 +31,9 @@ def main(argv=None) -> None:
         "--tokenizer", default=None, help="SentencePiece model to export (default: flm_jax's tokenizer; 'none' to skip)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace model files in a non-empty --out")
+    cli.add_distributed_flags(p)
     args = cli.parse(p, argv, reads_data=False)
+    cli.init_distributed(args)
     export(
         args.workdir, args.out, args.format, args.dtype, args.step, args.max_shard_size, args.tokenizer, args.overwrite
     )

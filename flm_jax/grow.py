@@ -18,7 +18,9 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", required=True, help="an empty folder for the grown run")
     p.add_argument("--step", type=int, default=None, help="default: SRC's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --workdir")
+    cli.add_distributed_flags(p)
     args = cli.parse(p, argv)
+    cli.init_distributed(args)
     grow_checkpoint(
         args.from_workdir,
         args.workdir,

@@ -7,8 +7,6 @@ come from --gin_file/--gin.X; the model's shape and μP fields come from the fol
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 
 import gin
@@ -17,6 +15,7 @@ from flm_jax.config import RUNTIME_FIELDS
 from flm_jax.files import atomic_write_text
 from flm_jax.hf.importer import import_hf
 from flm_jax.partitioning import MeshLayout
+from flm_jax.paths import as_path
 from flm_jax.training.checkpoint import CONFIG_GIN, config_gin_with_model
 
 
@@ -61,7 +60,7 @@ def main(argv=None) -> None:
 
     if jax.process_index() == 0:
         atomic_write_text(
-            Path(args.workdir) / CONFIG_GIN,
+            as_path(args.workdir) / CONFIG_GIN,
             config_gin_with_model(gin.config_str(), config, f"Imported by flm_jax.import_hf from {args.hf_dir}"),
         )
     print(

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import resource
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -25,16 +23,18 @@ from flm_jax.growth import grow
 from flm_jax.growth.calibration import layer_distances, preservation, probe_batch
 from flm_jax.growth.msg import METADATA_KEY, MSGRamp
 from flm_jax.growth.spec import GrowthSpec, target_config
+from flm_jax.multihost import barrier
 from flm_jax.optim import OptimizerConfig
 from flm_jax.partitioning import MeshLayout, make_mesh
+from flm_jax.paths import PathLike, as_path
 from flm_jax.training.checkpoint import Checkpointer, config_gin_with_model, make_metadata
 from flm_jax.training.checkpoint_reader import CheckpointReader
 from flm_jax.training.state import StateSpec
 
 
 def grow_checkpoint(
-    src_workdir: str | Path,
-    dst_workdir: str | Path,
+    src_workdir: PathLike,
+    dst_workdir: PathLike,
     spec: GrowthSpec,
     layout: MeshLayout,
     step: int | None = None,
@@ -44,7 +44,7 @@ def grow_checkpoint(
     DST/growth.json holds. Raises ConfigError, writing nothing, when the growth cannot or did not preserve the
     function."""
     started = time.time()
-    dst = Path(dst_workdir)
+    dst = as_path(dst_workdir)
     check_output_folder(dst, "--workdir")
     if dst.exists() and any(dst.iterdir()):
         if not overwrite:
@@ -117,8 +117,9 @@ def grow_checkpoint(
             f"GrowthSpec.tolerance={spec.tolerance}. Nothing was written to {dst}."
         )
 
-    if dst.exists() and overwrite:
-        shutil.rmtree(dst)
+    if dst.exists() and overwrite and jax.process_index() == 0:
+        dst.rmtree()
+    barrier("flm_jax.grow: destination cleared")
     dst.mkdir(parents=True, exist_ok=True)
     metadata = make_metadata(
         tgt_cfg,
@@ -135,7 +136,10 @@ def grow_checkpoint(
         force=True,
     )
     out.close()
-    src_gin = Path(src_workdir, "config.gin")
+    report["wall_seconds"] = time.time() - started
+    if jax.process_index() != 0:  # every process wrote its shards of the checkpoint; process 0 writes the rest
+        return report
+    src_gin = as_path(src_workdir) / "config.gin"
     atomic_write_text(
         dst / "config.gin",
         config_gin_with_model(
@@ -144,6 +148,5 @@ def grow_checkpoint(
             f"Grown from {src_workdir} step {step} by flm_jax.grow",
         ),
     )
-    report["wall_seconds"] = time.time() - started
     atomic_write_text(dst / "growth.json", json.dumps(report, indent=1))
     return report

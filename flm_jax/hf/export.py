@@ -8,6 +8,9 @@ The checkpoint is streamed a layer at a time (flm_jax/training/checkpoint_reader
 tensor by tensor (flm_jax/hf/weights.py), so host memory holds about one layer plus the embedding or the head at any
 moment. The files are staged in a private folder and moved into the output folder once all are complete, so a
 failed export (a damaged checkpoint) changes nothing. A checkpoint in the middle of a growth mask ramp is refused.
+Several processes (jax.distributed) export together: each reads and writes only the safetensors files numbered
+process, process + count, ... (so shard the export with --max_shard_size for them all to work); once all are in
+place, process 0 writes the index, tokenizer and config.json, the file that makes the folder a model.
 See docs/export.md.
 """
 
@@ -17,12 +20,13 @@ import json
 import resource
 import time
 from collections.abc import Callable
-from pathlib import Path
 
+import jax
 import numpy as np
+from etils import epath
 
 from flm_jax.config import ConfigError
-from flm_jax.files import check_output_folder, staged_folder
+from flm_jax.files import atomic_write_text, check_output_folder, staged_folder
 from flm_jax.growth.fold import plain_source
 from flm_jax.hf.layout import (
     FORMATS,
@@ -38,6 +42,8 @@ from flm_jax.hf.layout import (
 )
 from flm_jax.hf.tokenizer import default_tokenizer_path, save_tokenizer
 from flm_jax.hf.weights import INDEX_FILE, SAFETENSORS_DTYPES, SafetensorsWriter, parse_size
+from flm_jax.multihost import barrier
+from flm_jax.paths import PathLike, as_path
 from flm_jax.training.checkpoint_reader import CheckpointReader, ParamSource
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -47,7 +53,8 @@ def peak_rss_mib() -> float:
     """Peak resident memory of this process so far: VmHWM where /proc has it (getrusage's maxrss also counts a
     forking parent's memory), else ru_maxrss (KiB on Linux)."""
     try:
-        status = Path("/proc/self/status").read_text()
+        with open("/proc/self/status") as f:
+            status = f.read()
         return int(status.split("VmHWM:")[1].split()[0]) / 1024
     except (OSError, IndexError, ValueError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -61,13 +68,13 @@ def _hf_tensor(source: ParamSource, tensor: Tensor, layer: int | None, fmt: str)
     return tensor.to_hf(x)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def _check_out(out: epath.Path, overwrite: bool) -> None:
     check_output_folder(out, "--out")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} is not empty; pass --overwrite to replace its model files.")
 
 
-def _remove_stale(out: Path, files: list[str]) -> None:
+def _remove_stale(out: epath.Path, files: list[str]) -> None:
     """Model files of an earlier export that this one does not replace (another sharding)."""
     for p in [*out.glob("*.safetensors"), out / INDEX_FILE]:
         if p.name not in files and p.exists():
@@ -75,13 +82,13 @@ def _remove_stale(out: Path, files: list[str]) -> None:
 
 
 def export(
-    workdir: str | Path,
-    out: str | Path,
+    workdir: PathLike,
+    out: PathLike,
     fmt: str = LLAMA,
     dtype: str = "float32",
     step: int | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-    tokenizer: str | Path | None = None,
+    tokenizer: PathLike | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict:
@@ -91,10 +98,12 @@ def export(
     if dtype not in SAFETENSORS_DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
     max_shard_bytes = parse_size(max_shard_size)
-    if tokenizer not in (None, "none") and not Path(tokenizer).is_file():
+    if tokenizer not in (None, "none") and not as_path(tokenizer).is_file():
         raise FileNotFoundError(f"--tokenizer {tokenizer} not found: pass a SentencePiece model, or none to skip it.")
-    out = Path(out)
+    out = as_path(out)
     _check_out(out, overwrite)
+    process, count = jax.process_index(), jax.process_count()
+    barrier("flm_jax.export: output checked")  # before any process writes into it
     start = time.time()
     reader = CheckpointReader(workdir, step)
     source = plain_source(reader)
@@ -111,33 +120,43 @@ def export(
             f"warning: {len(slow)} stacked arrays are not stored one layer per chunk; each layer read "
             "decompresses the whole array (re-save the checkpoint with flm_jax.training.checkpoint to stream)."
         )
-    # Everything is written into a staging folder and moved into `out` only once complete: a failure part-way (a
+    # The weights are written into a staging folder and moved into `out` only once complete: a failure part-way (a
     # damaged checkpoint) leaves `out` as it was.
     with staged_folder(out) as stage:
-        writer = SafetensorsWriter(stage, specs, dtype, max_shard_bytes)
+        writer = SafetensorsWriter(stage, specs, dtype, max_shard_bytes, process, count)
         progress(
             f"exporting step {reader.step} of {workdir} as {fmt} {dtype} into {out} "
-            f"({len(writer.files)} file{'s' if len(writer.files) > 1 else ''})"
+            f"({len(writer.files)} file{'s' if len(writer.files) > 1 else ''}"
+            + (f", {len(writer.mine)} of them by this process of {count})" if count > 1 else ")")
         )
         for tensor, layer in order:
-            writer.write(tensor.name(layer), _hf_tensor(source, tensor, layer, fmt))
+            if writer.wants(tensor.name(layer)):
+                writer.write(tensor.name(layer), _hf_tensor(source, tensor, layer, fmt))
             if tensor is LAYER_TENSORS[-1] or tensor is LM_HEAD:  # a layer (or the head) is complete
                 done = "head" if tensor is LM_HEAD else f"layer {layer + 1}/{config.num_hidden_layers}"
                 progress(f"  {done} written  {time.time() - start:6.1f} s  peak RSS {peak_rss_mib():7.0f} MiB")
-        files = writer.close()
-        if tokenizer != "none":  # before config.json, which AutoTokenizer would read (TeleFLM is unknown to it)
-            save_tokenizer(stage, tokenizer or default_tokenizer_path(), config)
-        make_config = llama_config if fmt == LLAMA else teleflm_config
-        (stage / "config.json").write_text(json.dumps(make_config(config, dtype), indent=2) + "\n")
-        (stage / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+        writer.close()
+    barrier("flm_jax.export: weights written")
+    files = writer.files
+    if process == 0:
         _remove_stale(out, files)
+        index = writer.index()
+        if index is not None:
+            atomic_write_text(out / INDEX_FILE, json.dumps(index, indent=2) + "\n")
+        with staged_folder(out) as stage:
+            if tokenizer != "none":  # before config.json, which AutoTokenizer would read (TeleFLM is unknown to it)
+                save_tokenizer(stage, tokenizer or default_tokenizer_path(), config)
+            make_config = llama_config if fmt == LLAMA else teleflm_config
+            (stage / "config.json").write_text(json.dumps(make_config(config, dtype), indent=2) + "\n")
+            (stage / "generation_config.json").write_text(json.dumps(generation_config(config), indent=2) + "\n")
+    barrier("flm_jax.export: done")
     summary = {
         "out": str(out),
         "format": fmt,
         "dtype": dtype,
         "step": reader.step,
         "files": files,
-        "bytes": sum((out / f).stat().st_size for f in files),
+        "bytes": sum((out / f).stat().length for f in files),
         "seconds": time.time() - start,
         "peak_rss_mib": peak_rss_mib(),
     }

@@ -20,7 +20,6 @@ arguments (the command line takes them from --gin_file/--gin.X).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -48,6 +47,7 @@ from flm_jax.hf.weights import HFWeights
 from flm_jax.optim import OptimizerConfig
 from flm_jax.params import boxed_abstract_params
 from flm_jax.partitioning import MeshLayout, make_mesh
+from flm_jax.paths import PathLike, as_path
 from flm_jax.training.checkpoint import Checkpointer, checkpoint_dir, make_metadata
 from flm_jax.training.state import StateSpec, init_state
 
@@ -141,7 +141,7 @@ class HFModel(NamedTuple):
 
 
 def read_hf(
-    hf_dir: str | Path,
+    hf_dir: PathLike,
     runtime: dict[str, Any] | None = None,
     use_mup: bool | None = None,
     input_mult: float | None = None,
@@ -150,7 +150,7 @@ def read_hf(
 ) -> HFModel:
     """The folder's model config and parameters. `runtime` sets TeleFLMConfig's runtime fields
     (config.RUNTIME_FIELDS); the rest comes from config.json (see the module docstring for the μP fields)."""
-    hf_dir = Path(hf_dir)
+    hf_dir = as_path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json: is it a Hugging Face model folder?")
     try:
@@ -173,8 +173,8 @@ def read_hf(
 
 
 def import_hf(
-    hf_dir: str | Path,
-    workdir: str | Path,
+    hf_dir: PathLike,
+    workdir: PathLike,
     layout: MeshLayout,
     runtime: dict[str, Any] | None = None,
     use_mup: bool | None = None,
@@ -184,7 +184,7 @@ def import_hf(
 ) -> TeleFLMConfig:
     """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir (read_hf's arguments); returns
     the model config."""
-    hf_dir, workdir = Path(hf_dir), Path(workdir)
+    hf_dir, workdir = as_path(hf_dir), as_path(workdir)
     check_output_folder(workdir, "--workdir")
     if checkpoint_dir(workdir).is_dir() and any(checkpoint_dir(workdir).iterdir()):
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir.")
@@ -200,7 +200,7 @@ def import_hf(
     )
     del model
     state = init_state(params, spec.tx, spec.shardings)
-    metadata = make_metadata(config, imported_from={"hf_dir": str(hf_dir.resolve()), "format": fmt, "weights": kind})
+    metadata = make_metadata(config, imported_from={"hf_dir": str(hf_dir), "format": fmt, "weights": kind})
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(0, state, {}, metadata, force=True)
     ckpt.wait()

@@ -13,13 +13,13 @@ import json
 import pickle  # only for the error torch.load(weights_only=True) raises: nothing here unpickles
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO
 
 import ml_dtypes
 import numpy as np
 
 from flm_jax.config import ConfigError
+from flm_jax.paths import PathLike, as_path
 
 SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 NUMPY_DTYPES = {
@@ -74,20 +74,33 @@ def plan_shards(specs: list[tuple[str, tuple[int, ...]]], dtype: str, max_shard_
 
 
 class SafetensorsWriter:
-    """Writes the planned tensors, which must arrive in plan order, into one or several safetensors files."""
+    """Writes the planned tensors, which must arrive in plan order, into one or several safetensors files: all of
+    them, or (several processes exporting together) the files numbered `process, process + count, ...`."""
 
-    def __init__(self, out_dir: str | Path, specs: list[tuple[str, tuple[int, ...]]], dtype: str, max_shard_bytes: int):
+    def __init__(
+        self,
+        out_dir: PathLike,
+        specs: list[tuple[str, tuple[int, ...]]],
+        dtype: str,
+        max_shard_bytes: int,
+        process: int = 0,
+        count: int = 1,
+    ):
         if dtype not in SAFETENSORS_DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(SAFETENSORS_DTYPES)}")
-        self.out_dir, self.dtype = Path(out_dir), dtype
+        self.out_dir, self.dtype = as_path(out_dir), dtype
         self.shapes = dict(specs)
         self.shards = plan_shards(specs, dtype, max_shard_bytes)
         n = len(self.shards)
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-        self._order: Iterator[tuple[int, str]] = iter(
-            [(k, name) for k, names in enumerate(self.shards) for name in names]
-        )
+        self.mine = [k for k in range(n) if k % count == process]
+        self._wanted = {name for k in self.mine for name in self.shards[k]}
+        self._order: Iterator[tuple[int, str]] = iter([(k, name) for k in self.mine for name in self.shards[k]])
         self._shard, self._file = -1, None
+
+    def wants(self, name: str) -> bool:
+        """Whether `name` goes into a file this writer writes (the others need not be read)."""
+        return name in self._wanted
 
     def _open_shard(self, k: int) -> IO[bytes]:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
@@ -101,7 +114,7 @@ class SafetensorsWriter:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        f = open(self.out_dir / self.files[k], "wb")
+        f = (self.out_dir / self.files[k]).open("wb")
         f.write(len(text).to_bytes(8, "little") + text)
         return f
 
@@ -119,25 +132,28 @@ class SafetensorsWriter:
         self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
 
     def close(self) -> list[str]:
-        """Finish the last shard and write the index (when sharded); returns the file names."""
+        """Finish the last shard; returns the names of the files written here."""
         leftover = next(self._order, None)
         if leftover is not None:
             raise ValueError(f"export incomplete: tensor {leftover[1]!r} and later ones were never written")
         if self._file:
             self._file.close()
-        if len(self.files) > 1:
-            weight_map = {name: self.files[k] for k, names in enumerate(self.shards) for name in names}
-            total = sum(_nbytes(shape, self.dtype) for shape in self.shapes.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return list(self.files)
+        return [self.files[k] for k in self.mine]
+
+    def index(self) -> dict | None:
+        """The safetensors index of all the files (None for a single file)."""
+        if len(self.files) == 1:
+            return None
+        weight_map = {name: self.files[k] for k, names in enumerate(self.shards) for name in names}
+        total = sum(_nbytes(shape, self.dtype) for shape in self.shapes.values())
+        return {"metadata": {"total_size": total}, "weight_map": weight_map}
 
 
 class HFWeights:
     """The tensors of a Hugging Face model folder, read one at a time (safetensors, or `.bin` weights only)."""
 
-    def __init__(self, hf_dir: str | Path):
-        self.dir = Path(hf_dir)
+    def __init__(self, hf_dir: PathLike):
+        self.dir = as_path(hf_dir)
         self._handles: dict[str, object] = {}
         self._bin: dict[str, dict] = {}
         if (self.dir / INDEX_FILE).is_file():

@@ -11,8 +11,9 @@ import jax
 from flm_jax import data
 from flm_jax.config import TeleFLMConfig
 from flm_jax.growth.msg import MSGRamp
+from flm_jax.multihost import max_over_processes
 from flm_jax.partitioning import MeshLayout, batch_sharding, global_batch, replicated
-from flm_jax.training.input import max_over_processes, shards_by_process
+from flm_jax.training.input import shards_by_process
 from flm_jax.training.step import make_eval_step
 
 

@@ -12,8 +12,6 @@ from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
-import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from flm_jax import data
@@ -37,13 +35,6 @@ def shards_by_process(sharding: NamedSharding, batch_size: int, num_shards: int)
                 "the number of processes the batch is split over (None: one per process)"
             )
     return shards
-
-
-def max_over_processes(value: int) -> int:
-    """The largest of every process's `value` (each process passes its own)."""
-    if jax.process_count() == 1:
-        return int(value)
-    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
 def shards_to_write(by_process: Mapping[int, tuple[int, ...]], process: int) -> tuple[int, ...]:
