@@ -101,7 +101,8 @@ def boolean(text: str) -> bool:
 
 
 def resolve_gin_file(name: str) -> str:
-    for candidate in (Path(name), REPO_ROOT / name):
+    """The absolute path of gin file `name`, looked up in the working directory, then the repository root."""
+    for candidate in (Path(name).absolute(), REPO_ROOT / name):
         if candidate.is_file():
             return str(candidate)
     looked = " and ".join(dict.fromkeys((os.getcwd(), str(REPO_ROOT))))  # once when they are the same

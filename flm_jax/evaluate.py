@@ -12,7 +12,6 @@ file places the model. See docs/evaluation.md.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from flm_jax import cli, data
 from flm_jax.config import ConfigError
@@ -20,6 +19,7 @@ from flm_jax.files import atomic_write_text, check_output_folder
 from flm_jax.inference.evaluation import evaluate
 from flm_jax.inference.loading import load_model
 from flm_jax.partitioning import MeshLayout
+from flm_jax.paths import as_path
 
 
 def main(argv=None) -> None:
@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq_len", type=int, default=256, help="packed row length (at most max_position_embeddings)")
     p.add_argument("--tokenizer", default=None, help="SentencePiece model (default: flm_jax's tokenizer)")
     args = cli.parse(p, argv)
-    out = Path(args.out)
+    out = as_path(args.out)
     if out.is_dir():
         raise ConfigError(
             f"--out {out} is a folder; pass the path of the JSON file to write, e.g. {out / 'eval.json'}."

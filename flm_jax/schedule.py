@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 from flm_jax import cli
 from flm_jax.files import atomic_write_text, check_output_folder
 from flm_jax.growth.schedule import format_table, plot_schedule, run_schedule, stages
+from flm_jax.paths import as_path
 
 
 def main(argv=None) -> None:
@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", required=True)
     args = cli.parse(p, argv, reads_data=False)
     plan = stages()
-    workdir = Path(args.workdir)
+    workdir = as_path(args.workdir)  # absolute: the stages' processes run from the repository root
     check_output_folder(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -131,11 +131,13 @@ def packed_positions(segments: np.ndarray) -> np.ndarray:
     return pos
 
 
-def run_module(module: str, *args, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python -m module args...` from the repository root (the test process's XLA flags unless env says)."""
+def run_module(
+    module: str, *args, env: dict | None = None, timeout: int = 300, cwd=REPO_ROOT
+) -> subprocess.CompletedProcess:
+    """`python -m module args...` from `cwd` (the test process's XLA flags unless env says)."""
     return subprocess.run(
         [sys.executable, "-m", module, *map(str, args)],
-        cwd=REPO_ROOT,
+        cwd=cwd,
         env=dict(os.environ, **(env or {})),
         capture_output=True,
         text=True,

@@ -454,7 +454,7 @@ CASES = {
     "schedule stage with an unknown gin file": Case(
         "schedule",
         ("--workdir={tmp}/sched", "--gin.stages.stages=[{'steps': 2, 'gin_files': ['gin/nope.gin']}]"),
-        r"stage 1 of stages.stages names the gin file 'gin/nope.gin', which does not exist .* fix its path",
+        r"stage 1 of stages.stages: gin file 'gin/nope.gin' not found .* Fix its path in the schedule gin file",
     ),
 }
 

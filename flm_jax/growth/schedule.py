@@ -16,16 +16,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 import gin
+from flm_jax.cli import REPO_ROOT, resolve_gin_file
 from flm_jax.config import ConfigError
 from flm_jax.files import atomic_write_bytes
+from flm_jax.paths import PathLike
 from flm_jax.training.checkpoint import CONFIG_GIN, Checkpointer
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 STAGE_KEYS = ("steps", "gin_files", "growth")
 
@@ -42,14 +42,22 @@ def stages(stages: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
                 f"stage {i} of stages.stages has keys {sorted(stage)}; a stage has 'steps' and "
                 f"optionally 'gin_files' and 'growth' (put bindings in a stage gin file)."
             )
-        # Checked now, not when a later stage's process starts (after the earlier stages have trained).
-        for name in [*stage.get("gin_files", []), *([stage["growth"]] if stage.get("growth") else [])]:
-            if not Path(REPO_ROOT, name).is_file():
-                raise ConfigError(
-                    f"stage {i} of stages.stages names the gin file {name!r}, which does not exist (stages run from "
-                    f"{REPO_ROOT}); fix its path in the schedule gin file."
-                )
-    return [dict(s) for s in stages]
+    # Resolved now against the caller's working directory (then the repository root, where the stages' processes
+    # run), not when a later stage starts after the earlier ones have trained.
+    return [_resolved(i, stage) for i, stage in enumerate(stages, start=1)]
+
+
+def _resolved(i: int, stage: dict[str, Any]) -> dict[str, Any]:
+    def path(name: str) -> str:
+        try:
+            return resolve_gin_file(name)
+        except FileNotFoundError as e:
+            raise ConfigError(f"stage {i} of stages.stages: {e} Fix its path in the schedule gin file.") from None
+
+    resolved = dict(stage, gin_files=[path(f) for f in stage.get("gin_files", [])])
+    if stage.get("growth"):
+        resolved["growth"] = path(stage["growth"])
+    return resolved
 
 
 def run(cmd: list[str]) -> float:
@@ -59,12 +67,12 @@ def run(cmd: list[str]) -> float:
     return time.time() - started
 
 
-def metrics(workdir: Path) -> list[dict]:
+def metrics(workdir: epath.Path) -> list[dict]:
     path = workdir / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def run_schedule(workdir: Path, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_schedule(workdir: epath.Path, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for i, stage in enumerate(plan, start=1):
         stage_dir, row = workdir / f"stage{i}", {"stage": i}
@@ -112,7 +120,7 @@ def stage_curve(logged: list[dict], previous: list | None) -> list[list]:
     ]
 
 
-def plot_schedule(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_schedule(rows: list[dict[str, Any]], path: PathLike) -> None:
     """Training loss (and validation loss where evaluated) of every stage against step and against training FLOPs,
     growth points marked."""
     import matplotlib
