@@ -24,6 +24,7 @@ TRAIN = [
     "--gin.TrainConfig.steps=2",
     "--gin.TrainConfig.batch_size=8",
     "--gin.TrainConfig.seq_len=32",
+    "--gin.TrainConfig.log_every=1",
     "--gin.TrainConfig.eval_tasks=()",
 ]
 
