@@ -25,7 +25,8 @@ TRAIN = [
     "--gin.TrainConfig.batch_size=8",
     "--gin.TrainConfig.seq_len=32",
     "--gin.TrainConfig.log_every=1",
-    "--gin.TrainConfig.eval_tasks=()",
+    "--gin.TrainConfig.eval_tasks=('flm_prose',)",  # the evaluator reads its validation rows per process too
+    "--gin.TrainConfig.eval_split='minival'",
 ]
 
 

@@ -24,6 +24,7 @@ from flm_jax.growth.fold import FoldedSource, GrowthRampError, plain_source
 from flm_jax.growth.spec import GrowthSpec
 from flm_jax.hf.export import export
 from flm_jax.hf.importer import HFImportError, import_hf
+from flm_jax.hf.layout import EMBED, LAYER_TENSORS
 from flm_jax.hf.tokenizer import CHECK_TEXTS, default_tokenizer_path
 from flm_jax.hf.weights import INDEX_FILE
 from flm_jax.inference.generate import generate
@@ -394,3 +395,27 @@ def test_evaluate_scores_a_workdir_and_its_hugging_face_export_alike(run, llama_
         right += int(np.argmax(totals) == answer)
     mc = a["multiple_choice"][str(choices)]
     assert mc["count"] == 3 and mc["accuracy"] == pytest.approx(right / 3)
+
+
+@pytest.mark.parametrize(
+    "tensor, flm_shape, idx, elements_read",
+    [
+        (LAYER_TENSORS[1], (8, 4, 3), (slice(2, 6), slice(None), slice(None)), 48),  # q_proj: hidden cut (fsdp)
+        (LAYER_TENSORS[1], (8, 4, 3), (slice(None), slice(1, 3), slice(None)), 48),  # q_proj: heads cut (tensor)
+        # head_dim cut too: all rows (heads x head_dim) of the hidden columns 4:8 are read, then cut
+        (LAYER_TENSORS[1], (8, 4, 3), (slice(4, 8), slice(0, 2), slice(1, 2)), 48),
+        (LAYER_TENSORS[4], (4, 3, 8), (slice(2, 4), slice(None), slice(0, 4)), 24),  # o_proj: heads and hidden cut
+        (EMBED, (10, 8), (slice(5, 10), slice(0, 4)), 20),  # no transpose: the block itself
+    ],
+)
+def test_an_imported_block_reads_only_its_rows_and_columns(tensor, flm_shape, idx, elements_read):
+    full = np.arange(np.prod(flm_shape), dtype=np.float32).reshape(flm_shape)
+    hf = tensor.to_hf(full)
+    reads = []
+
+    def read(index):
+        reads.append(hf[index].size)
+        return hf[index]
+
+    np.testing.assert_array_equal(tensor.block_from_hf(read, flm_shape, idx), full[idx])
+    assert reads == [elements_read]

@@ -71,7 +71,15 @@ def test_two_processes_train_like_one_host(two_processes, tmp_path):
     # One process with 8 devices reading both input shards sees the same batches and the same losses.
     run_train(
         tmp_path / "single",
-        TrainConfig(steps=2, batch_size=8, seq_len=32, log_every=1, eval_tasks=(), input_shards=2),
+        TrainConfig(
+            steps=2,
+            batch_size=8,
+            seq_len=32,
+            log_every=1,
+            eval_tasks=("flm_prose",),
+            eval_split="minival",
+            input_shards=2,
+        ),
         model=MODEL,
         layout=FSDP8,
         optimizer=OptimizerConfig(),
@@ -85,6 +93,8 @@ def test_two_processes_train_like_one_host(two_processes, tmp_path):
         (np.ptp(losses, 0) / losses[1]).max(),
     )
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    # the validation documents, packed per process into other rows, sum to the same loss
+    np.testing.assert_allclose([m["val_loss"] for m in multi], [m["val_loss"] for m in single], rtol=1e-5)
 
 
 def test_two_processes_grow_export_and_import_like_one_host(two_processes, tmp_path):

@@ -131,6 +131,42 @@ def read_params(weights: HFWeights, expected, config: TeleFLMConfig, fmt: str, t
     return tree
 
 
+def sharded_params(model: HFFolder, shardings: Any) -> dict:
+    """The parameters as global arrays with `shardings`, each device's block read from the folder alone (so a
+    process reads only the rows and columns of each tensor that its devices hold, layer by layer)."""
+    dtype = np.dtype(jnp.dtype(model.config.param_dtype))
+    num_layers = model.config.num_hidden_layers
+
+    def block(tensor: Tensor, layer: int | None, flm_shape, idx) -> np.ndarray:
+        name = tensor.name(layer)
+        if model.tied and tensor is LM_HEAD and name not in model.weights.file_of:
+            name = EMBED.name()  # tied embeddings: the head starts as an untied copy
+        x = tensor.block_from_hf(lambda index: model.weights.read(name, index), flm_shape, idx)
+        factor = fold_factor(tensor, model.config, model.format)
+        if factor != 1.0:
+            x = x.astype(np.float32) / np.float32(factor)
+        return x.astype(dtype)
+
+    def leaf(tensor: Tensor, flm_shape, sharding) -> jax.Array:
+        if tensor.path[0] != "layers":
+            return jax.make_array_from_callback(flm_shape, sharding, lambda idx: block(tensor, None, flm_shape, idx))
+
+        def layers(idx):
+            return np.stack([block(tensor, i, flm_shape, idx[1:]) for i in range(*idx[0].indices(num_layers))])
+
+        return jax.make_array_from_callback((num_layers, *flm_shape), sharding, layers)
+
+    tree: dict = {}
+    for tensor, layer, flm_shape in expected_tensors(model.config):
+        if layer not in (None, 0):
+            continue
+        node, node_shardings = tree, shardings
+        for key in tensor.path[:-1]:
+            node, node_shardings = node.setdefault(key, {}), node_shardings[key]
+        node[tensor.path[-1]] = leaf(tensor, flm_shape, node_shardings[tensor.path[-1]])
+    return tree
+
+
 class HFModel(NamedTuple):
     """A Hugging Face folder read into flm_jax's layout."""
 
@@ -140,15 +176,24 @@ class HFModel(NamedTuple):
     weights_kind: str  # "safetensors" or "bin"
 
 
-def read_hf(
+class HFFolder(NamedTuple):
+    """A Hugging Face folder, checked, its tensors not read yet."""
+
+    config: TeleFLMConfig
+    weights: HFWeights
+    format: str  # LLAMA or TELEFLM
+    tied: bool  # tie_word_embeddings
+
+
+def open_hf(
     hf_dir: PathLike,
     runtime: dict[str, Any] | None = None,
     use_mup: bool | None = None,
     input_mult: float | None = None,
     output_mult: float | None = None,
     mup_scale_factor: float | None = None,
-) -> HFModel:
-    """The folder's model config and parameters. `runtime` sets TeleFLMConfig's runtime fields
+) -> HFFolder:
+    """The folder's model config and its (checked) tensors. `runtime` sets TeleFLMConfig's runtime fields
     (config.RUNTIME_FIELDS); the rest comes from config.json (see the module docstring for the μP fields)."""
     hf_dir = as_path(hf_dir)
     if not (hf_dir / "config.json").is_file():
@@ -167,9 +212,15 @@ def read_hf(
     config = config_from_hf(hf, resolve_mup(hf, fmt, overrides), runtime or {})
     tied = bool(hf.get("tie_word_embeddings", False))
     weights = HFWeights(hf_dir)
-    expected = expected_tensors(config)
-    check_tensors(weights, expected, tied)
-    return HFModel(config, read_params(weights, expected, config, fmt, tied), fmt, weights.kind)
+    check_tensors(weights, expected_tensors(config), tied)
+    return HFFolder(config, weights, fmt, tied)
+
+
+def read_hf(hf_dir: PathLike, *args, **kwargs) -> HFModel:
+    """The folder's model config and all its parameters as numpy arrays (open_hf's arguments)."""
+    folder = open_hf(hf_dir, *args, **kwargs)
+    params = read_params(folder.weights, expected_tensors(folder.config), folder.config, folder.format, folder.tied)
+    return HFModel(folder.config, params, folder.format, folder.weights.kind)
 
 
 def import_hf(
@@ -182,23 +233,18 @@ def import_hf(
     output_mult: float | None = None,
     mup_scale_factor: float | None = None,
 ) -> TeleFLMConfig:
-    """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir (read_hf's arguments); returns
-    the model config."""
+    """Write a step-0 flm_jax checkpoint of the Hugging Face folder into workdir (open_hf's arguments); returns
+    the model config. Every process reads only the blocks of the tensors its devices hold."""
     hf_dir, workdir = as_path(hf_dir), as_path(workdir)
     check_output_folder(workdir, "--workdir")
     if checkpoint_dir(workdir).is_dir() and any(checkpoint_dir(workdir).iterdir()):
         raise FileExistsError(f"{workdir} already holds checkpoints; import into a new workdir.")
-    model = read_hf(hf_dir, runtime, use_mup, input_mult, output_mult, mup_scale_factor)
-    config, fmt, kind = model.config, model.format, model.weights_kind
+    folder = open_hf(hf_dir, runtime, use_mup, input_mult, output_mult, mup_scale_factor)
+    config, fmt, kind = folder.config, folder.format, folder.weights.kind
     mesh = make_mesh(layout)
     # Only the state's structure matters (a fresh optimizer state); the next run builds its own optimizer.
     spec = StateSpec.build(config, OptimizerConfig(), mesh, layout, total_steps=1)
-    params = jax.tree_util.tree_map(
-        lambda x, sharding: jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx]),
-        model.params,
-        spec.shardings["params"],
-    )
-    del model
+    params = sharded_params(folder, spec.shardings["params"])
     state = init_state(params, spec.tx, spec.shardings)
     metadata = make_metadata(config, imported_from={"hf_dir": str(hf_dir), "format": fmt, "weights": kind})
     ckpt = Checkpointer(workdir, async_save=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,29 @@ class Tensor:
         if self.n_in is None:
             return w.reshape(flm_shape)
         return np.ascontiguousarray(w.T).reshape(flm_shape)
+
+    def block_from_hf(self, read: Callable[[tuple[slice, ...]], np.ndarray], flm_shape, idx) -> np.ndarray:
+        """The block `idx` (slices over the dims of one layer's flm_jax array) of this tensor, reading only the
+        rows and columns of the Hugging Face matrix that hold it through `read(hf_index)`. A flattened group of
+        dims (heads x head_dim) is a contiguous range when only its first dim is cut; otherwise it is read whole
+        and cut after the conversion."""
+        idx = tuple(idx) + (slice(None),) * (len(flm_shape) - len(idx))
+        if self.n_in is None:
+            return read(idx)
+        groups = [(flm_shape[self.n_in :], idx[self.n_in :]), (flm_shape[: self.n_in], idx[: self.n_in])]
+        hf_index, shape, cut = [], [[], []], [[], []]
+        for g, (dims, slices) in enumerate(groups):
+            bounds = [s.indices(d)[:2] for s, d in zip(slices, dims)]
+            if all(b == (0, d) for b, d in zip(bounds[1:], dims[1:])):  # contiguous in the flattened group
+                inner = math.prod(dims[1:])
+                hf_index.append(slice(bounds[0][0] * inner, bounds[0][1] * inner))
+                shape[g] = [bounds[0][1] - bounds[0][0], *dims[1:]]
+                cut[g] = [slice(None)] * len(dims)
+            else:
+                hf_index.append(slice(None))
+                shape[g], cut[g] = list(dims), list(slices)
+        x = np.ascontiguousarray(read(tuple(hf_index)).T).reshape(shape[1] + shape[0])
+        return x[tuple(cut[1] + cut[0])]
 
 
 _LAYER = "model.layers.{i}."

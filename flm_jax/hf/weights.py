@@ -212,13 +212,16 @@ class HFWeights:
             return tuple(self._safetensors(file).get_slice(name).get_shape())
         return tuple(self._bin_file(file)[name].shape)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        """Tensor `name`, or only its block `index` (safetensors reads just those bytes)."""
         file = self.file_of[name]
         if self.kind == "safetensors":
-            return self._safetensors(file).get_tensor(name)
+            handle = self._safetensors(file)
+            return handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
         import torch
 
         tensor = self._bin_file(file)[name]
+        tensor = tensor if index is None else tensor[index]
         if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return tensor.numpy()
+            return tensor.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.contiguous().numpy()

@@ -28,11 +28,13 @@ def shards_by_process(sharding: NamedSharding, batch_size: int, num_shards: int)
     shards = {}
     for process, held in rows.items():
         shards[process] = tuple(sorted({r // per_shard for r in held}))
-        if len(held) != per_shard * len(shards[process]):
+        contiguous = shards[process] == tuple(range(shards[process][0], shards[process][-1] + 1))
+        if len(held) != per_shard * len(shards[process]) or not contiguous:  # global_batch needs one block
             raise ConfigError(
-                f"process {process}'s devices hold {len(held)} rows of the batch of {batch_size}, not whole input "
-                f"shards of {per_shard} rows ({num_shards} shards); set TrainConfig.input_shards to a multiple of "
-                "the number of processes the batch is split over (None: one per process)"
+                f"process {process}'s devices hold {len(held)} rows of the batch of {batch_size}, not one block of "
+                f"whole input shards of {per_shard} rows ({num_shards} shards); set TrainConfig.input_shards to a "
+                "multiple of the number of processes the batch is split over (None: one per process), and keep each "
+                "process's devices neighbours on the mesh's batch axes"
             )
     return shards
 
@@ -92,13 +94,13 @@ def train_input(
     return TrainInput(stream, shards_to_write(by_process, jax.process_index()))
 
 
-def describe(stream: data.ShardedBatches, resumed_at: int) -> None:
+def describe(stream: data.ShardedBatches) -> None:
     """One line per process on stderr: its shards, rows and how its position was restored."""
     spec = stream.spec
     how = ""
-    if resumed_at:
+    if stream.batches_consumed:
         skipped = [s for s in stream.shards if s not in stream.restored_shards]
-        how = f"; resumed at batch {resumed_at}" + (
+        how = f"; resumed at batch {stream.batches_consumed}" + (
             f" by skipping (no snapshot for shards {skipped})" if skipped else " from iterator snapshots"
         )
     print(

@@ -129,7 +129,7 @@ def train(
     host_input = train_input(
         train_cfg, batch_sharding(mesh, layout), data_state, lambda shards: ckpt.iterator_states(latest, shards), step
     )
-    describe_input(host_input.stream, step)
+    describe_input(host_input.stream)
     # What every checkpoint of this run records besides the ramp: provenance such as grown_from or imported_from.
     base_metadata = {
         k: v for k, v in saved_meta.items() if k not in ("format", "model_config", "layer_stack", METADATA_KEY)
