@@ -130,7 +130,7 @@ def _resume_seconds(state, snapshots):
 def test_resume_from_iterator_snapshots_costs_the_same_at_any_step():
     """Resume without replay: a tf.data snapshot restores the position at step 2000 as fast as at step 20, and
     the next batch is bitwise the uninterrupted one's. Two input shards of the global batch, read side by side."""
-    stream = data.ShardedBatches(data.ShardedSpec("flm_default", "train", 4, 32, 0, num_shards=2), (0, 1))
+    stream = data.ShardedBatches(data.ShardedSpec("flm_default", "train", 8, 32, 0, num_shards=2), (0, 1))
     saved = {}
     for step in range(1, 2001):
         next(stream)
@@ -140,11 +140,13 @@ def test_resume_from_iterator_snapshots_costs_the_same_at_any_step():
     assert saved[2000][0]["batches_consumed"] == 2000 and sorted(saved[2000][1]) == [0, 1]
     early, _ = _resume_seconds(*saved[20])
     late, resumed = _resume_seconds(*saved[2000])
-    assert late / early < 1.5, (early, late)
+    # measured alone: 2.39 s and 2.56 s (1.07); rebuilding and skipping, the resume before snapshots: 4.28 s and
+    # 6.64 s (1.55), which this bound fails
+    assert late / early < 1.3, (early, late)
     for k in following:
         np.testing.assert_array_equal(resumed[k], following[k])
     # the two shards are different documents: the rows of shard 0 and shard 1 differ
-    assert not np.array_equal(following["targets"][:2], following["targets"][2:])
+    assert not np.array_equal(following["targets"][:4], following["targets"][4:])
 
 
 def test_validation_bytes_match_an_independent_count():
