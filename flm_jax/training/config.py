@@ -41,9 +41,18 @@ class TrainConfig:
     checkpoint_every: int = 100
     max_to_keep: int = 3
     async_checkpointing: bool = True
+    # (first, last): a jax.profiler trace of steps first..last into WORKDIR/tensorboard (TensorBoard's profile tab,
+    # or Perfetto); None: no trace.
+    profile_steps: tuple[int, int] | None = None
 
     def __post_init__(self):
         check_field_types(self)
+        if self.profile_steps is not None and (
+            len(self.profile_steps) != 2 or not 1 <= self.profile_steps[0] <= self.profile_steps[1]
+        ):
+            raise ConfigError(
+                f"TrainConfig.profile_steps={self.profile_steps} must be (first, last) with 1 <= first <= last."
+            )
         if self.batch_size % self.num_microbatches:
             raise ConfigError(
                 f"TrainConfig.batch_size={self.batch_size} is not divisible by num_microbatches="

@@ -33,6 +33,7 @@ from flm_jax.training.input import describe as describe_input
 from flm_jax.training.metrics import MetricWriter
 from flm_jax.training.nonfinite import NonFiniteGuard
 from flm_jax.training.preemption import PreemptionWatch
+from flm_jax.training.profiling import StepTrace
 from flm_jax.training.state import StateSpec, init_state
 from flm_jax.training.step import jit_train_step
 
@@ -156,6 +157,7 @@ def train(
         return loop.run(state, host_input, ckpt, stop, base_metadata, preemption)
     finally:
         preemption.close()
+        loop.trace.close()
         ckpt.wait()
         ckpt.close()
         loop.writer.close()
@@ -193,6 +195,7 @@ class TrainLoop:
             else None
         )
         self.writer = MetricWriter(workdir, train_cfg.steps, start_step)
+        self.trace = StepTrace(train_cfg.profile_steps, workdir / "tensorboard")
         self.tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
         self.flops_per_step = model_cfg.flops_per_token(train_cfg.seq_len) * self.tokens_per_step
         self.peak = peak_flops_total
@@ -236,9 +239,11 @@ class TrainLoop:
             while step < stop:
                 batch = next(batches)
                 crc = zlib.crc32(batch["inputs"].tobytes())
+                self.trace.before(step + 1)
                 state, metrics = self.step_fn(state, global_batch(batch, self.b_sharding, cfg.batch_size))
                 guard.count(metrics["nonfinite"])
                 step, interval_steps = step + 1, interval_steps + 1
+                self.trace.after(step, metrics)
                 preempted = preemption.reached(step)
                 if self.ramp is not None and self.ramp.done(step):  # m = 1: the masked model is the plain model
                     self.use_ramp(None)
