@@ -187,7 +187,8 @@ def main(argv=None) -> None:
             f"{side:8s} {s['step_time_s']:7.3f} s/step  {s['tokens_per_sec']:8.0f} tokens/s  MFU {s['mfu']:6.1%}  "
             f"loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}"
         )
-    print(f"flm_jax / PyTorch tokens/s: {ratio:.2f}x (goal 1.5x); flm_jax MFU {summary['flm_jax']['mfu']:.1%} (goal 60%)")
+    mfu = summary["flm_jax"]["mfu"]
+    print(f"flm_jax / PyTorch tokens/s: {ratio:.2f}x (goal 1.5x); flm_jax MFU {mfu:.1%} (goal 60%)")
     common.write_results(args.out, results)
 
 

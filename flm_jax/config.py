@@ -30,10 +30,12 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 REMAT_POLICIES = ("none", "full", "dots", "minimal", "save_attn", "offload_attn")
 # How attention is computed (model.ATTENTION_CORES); all agree to rounding, so any can run any checkpoint:
 #   einsum       the reference: float32 scores, a dense mask, softmax
+#   lse          einsum's arithmetic, its backward pass recomputing the probabilities from the saved softmax
+#                statistics (less memory; the fastest on CPU, so the default)
 #   dot_product  jax.nn.dot_product_attention (XLA; it groups kv heads itself)
 #   splash       the Pallas splash attention kernel on TPU (interpreted elsewhere: slow, for tests); decoding from a
 #                KV cache runs einsum
-ATTENTION_IMPLS = ("einsum", "dot_product", "splash")
+ATTENTION_IMPLS = ("einsum", "lse", "dot_product", "splash")
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 MUP_BASE_FIELDS = ("mup_base_hidden_size", "mup_base_intermediate_size")
 
@@ -119,7 +121,7 @@ class TeleFLMConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "full"  # see REMAT_POLICIES
-    attention_impl: str = "einsum"  # see ATTENTION_IMPLS
+    attention_impl: str = "lse"  # see ATTENTION_IMPLS
 
     def __post_init__(self):
         check_field_types(self)
