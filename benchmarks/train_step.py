@@ -56,6 +56,7 @@ def flm_jax_worker(jax_args: list[str], steps: int, warmup: int, profile: bool, 
     common.emit(
         {
             "step_times_s": times,
+            "losses": [r["loss"] for r in records],
             "loss_first": records[0]["loss"],
             "loss_last": records[-1]["loss"],
             "wall_s": wall,

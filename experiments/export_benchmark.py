@@ -39,7 +39,7 @@ CONFIG = TeleFLMConfig(
     remat_policy="none",
 )
 
-RSS_SNIPPET = "from flm_jax.export import peak_rss_mib; print('PEAK_RSS_MIB', peak_rss_mib())"
+RSS_SNIPPET = "from flm_jax.hf.export import peak_rss_mib; print('PEAK_RSS_MIB', peak_rss_mib())"
 
 
 def write_checkpoint(workdir: Path) -> float:

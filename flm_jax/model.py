@@ -337,6 +337,7 @@ class TeleFLM(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast,) * 5 + (0, 0),
             length=cfg.num_hidden_layers,
+            unroll=cfg.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         gates = jnp.ones(cfg.num_hidden_layers, jnp.float32) if masks is None else masks.layers
