@@ -21,7 +21,6 @@ import numpy as np
 from benchmarks import common
 from benchmarks.train_step import DEFAULT_GIN as BENCH_GIN
 from benchmarks.train_step import MODULE as TRAIN_WORKER
-from benchmarks.train_step import SMOKE_BINDINGS
 from flm_jax import cli
 
 TINY_GIN = "gin/experiments/tiny_pretrain.gin"
@@ -60,7 +59,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="runs/benchmarks/bfloat16.json")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on a toy shape (the figures mean nothing)")
     args = cli.parse(p, argv, reads_data=False, load=False)
-    shrink = [f"--gin.{b.replace(' = ', '=', 1)}" for b in SMOKE_BINDINGS] if args.smoke else []
+    shrink = [f"--gin.{b.replace(' = ', '=', 1)}" for b in common.SMOKE_BINDINGS] if args.smoke else []
     if args.smoke:
         args.steps, args.window, args.speed_steps = 6, 2, 4
     warmup = 3 if args.speed_steps > 3 else 0

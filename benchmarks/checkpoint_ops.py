@@ -43,7 +43,7 @@ HEAD_DIM = 64
 # hidden, FFN, layers: 28M and 210M parameters.
 SIZES = {"small": (512, 1408, 8), "200m": (1024, 2816, 16)}
 # --smoke: a seconds-long run of the whole script (tests/test_benchmarks.py), figures meaningless.
-SMOKE_SIZES = {"tiny": (64, 128, 1), "tiny2": (128, 256, 2)}
+SMOKE_SIZES = {"tiny": (64, 128, 1)}
 GROWTH = 1.25  # Tele-FLM's 52B -> 102B ratio
 GOAL_TIME, GOAL_EXPORT_RSS = 1.5, 0.3
 OPS = ("restore_save", "grow", "export")

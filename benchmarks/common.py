@@ -21,6 +21,16 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULT_PREFIX = "BENCH_RESULT "
 
+# --smoke: every script's seconds-long run on a toy model (tests/test_benchmarks.py); its figures mean nothing.
+SMOKE_MODEL_BINDINGS = [
+    "TeleFLMConfig.hidden_size = 64",
+    "TeleFLMConfig.intermediate_size = 128",
+    "TeleFLMConfig.num_hidden_layers = 2",
+    "TeleFLMConfig.num_attention_heads = 2",
+    "TeleFLMConfig.num_key_value_heads = 2",
+]
+SMOKE_BINDINGS = [*SMOKE_MODEL_BINDINGS, "TrainConfig.batch_size = 2", "TrainConfig.seq_len = 64"]
+
 
 def run_worker(module: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 3600) -> dict:
     """Run `python -m module --worker ...args` from the repository root and return the dict its worker printed
@@ -55,14 +65,15 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def jax_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one float32 n x n matmul in JAX on the default device, the best of `repeats` (compiled first)."""
+def jax_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """FLOP/s of one n x n matmul in JAX on the default device, the best of `repeats` (compiled first): in `dtype`,
+    accumulated in float32 (bfloat16 as the model's matmuls run it)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    matmul = jax.jit(jnp.dot)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     matmul(a, b).block_until_ready()
     return 2 * n**3 / best_of(lambda: matmul(a, b).block_until_ready(), repeats)
 

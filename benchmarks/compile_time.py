@@ -19,7 +19,6 @@ import re
 import time
 
 from benchmarks import common
-from benchmarks.train_step import SMOKE_BINDINGS
 from flm_jax import cli
 
 MODULE = "benchmarks.compile_time"
@@ -102,7 +101,7 @@ def main(argv=None) -> None:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = cli.parse(p, argv, reads_data=False, load=False)
     gin_files = args.gin_file or [DEFAULT_GIN]
-    bindings = [SCANNED, *(SMOKE_BINDINGS if args.smoke else []), *args.gin_bindings]
+    bindings = [SCANNED, *(common.SMOKE_BINDINGS if args.smoke else []), *args.gin_bindings]
     if args.worker:
         return worker(gin_files, bindings)
     layers = [int(n) for n in (args.layers or (SMOKE_LAYERS if args.smoke else DEFAULT_LAYERS)).split(",")]

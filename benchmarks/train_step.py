@@ -28,19 +28,9 @@ from flm_jax.training.config import TrainConfig
 
 MODULE = "benchmarks.train_step"
 DEFAULT_GIN = "gin/experiments/bench_cpu.gin"
-# --smoke: a seconds-long run of the whole script (tests/test_benchmarks.py), figures meaningless.
-SMOKE_BINDINGS = [
-    "TeleFLMConfig.hidden_size = 64",
-    "TeleFLMConfig.intermediate_size = 128",
-    "TeleFLMConfig.num_hidden_layers = 2",
-    "TeleFLMConfig.num_attention_heads = 2",
-    "TeleFLMConfig.num_key_value_heads = 2",
-    "TrainConfig.batch_size = 2",
-    "TrainConfig.seq_len = 64",
-]
 
 
-def flm_jax_worker(jax_args: list[str], steps: int, warmup: int, profile: bool, keep_workdir: str | None):
+def flm_jax_worker(jax_args: list[str], dtype: str, steps: int, warmup: int, profile: bool, keep_workdir: str | None):
     from flm_jax import train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +50,7 @@ def flm_jax_worker(jax_args: list[str], steps: int, warmup: int, profile: bool, 
             "loss_first": records[0]["loss"],
             "loss_last": records[-1]["loss"],
             "wall_s": wall,
-            "matmul_flops": common.jax_matmul_peak(),
+            "matmul_flops": common.jax_matmul_peak(dtype=dtype),
         }
     )
 
@@ -112,6 +102,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=20, help="training steps per side (the first --warmup are not timed)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1, help="run each side this many times, alternating")
+    p.add_argument("--sides", default="flm_jax,torch", help="which to run (flm_jax alone on a GPU host: README.md)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads (JAX uses every core)")
     p.add_argument("--workdir", default=None, help="flm_jax's run folder, kept (default: a temporary one)")
     p.add_argument("--profile", action="store_true", help="trace flm_jax steps 5-8 into WORKDIR/tensorboard")
@@ -121,12 +112,13 @@ def main(argv=None) -> None:
     p.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = cli.parse(p, argv, reads_data=False, load=False)
     gin_files = args.gin_file or [DEFAULT_GIN]
-    bindings = (SMOKE_BINDINGS if args.smoke else []) + args.gin_bindings
+    bindings = (common.SMOKE_BINDINGS if args.smoke else []) + args.gin_bindings
     if args.smoke:
         args.steps, args.warmup = 3, 1
     jax_args = [*(f"--gin_file={f}" for f in gin_files), *(f"--gin.{b.replace(' = ', '=', 1)}" for b in bindings)]
     if args.worker == "flm_jax":
-        return flm_jax_worker(jax_args, args.steps, args.warmup, args.profile, args.workdir)
+        dtype = json.loads(args.shape)["dtype"] if args.shape else "float32"  # of the matmul peak
+        return flm_jax_worker(jax_args, dtype, args.steps, args.warmup, args.profile, args.workdir)
     if args.worker == "torch":
         return torch_worker(json.loads(args.shape), args.steps, args.warmup, args.threads)
 
@@ -148,11 +140,16 @@ def main(argv=None) -> None:
         jax_args.append(f"--workdir={os.path.abspath(args.workdir)}")
     if args.profile:
         jax_args.append("--profile")
-    sides: dict[str, list[dict]] = {"flm_jax": [], "torch": []}
+    sides: dict[str, list[dict]] = {side: [] for side in args.sides.split(",")}
+    if not sides or set(sides) - {"flm_jax", "torch"}:
+        raise cli.ConfigError(f"--sides={args.sides!r}: choose flm_jax, torch or both (comma-separated).")
     for round_ in range(args.rounds):
         for side in sides:
             print(f"[round {round_ + 1}/{args.rounds}] {side} ...", flush=True)
-            extra = jax_args if side == "flm_jax" else [f"--shape={json.dumps(shape)}", f"--threads={args.threads}"]
+            extra = [
+                f"--shape={json.dumps(shape)}",
+                *(jax_args if side == "flm_jax" else [f"--threads={args.threads}"]),
+            ]
             sides[side].append(common.run_worker(MODULE, ["--worker", side, *common_args, *extra]))
     peak = max(r["matmul_flops"] for runs in sides.values() for r in runs)
     summary = {}
@@ -166,7 +163,7 @@ def main(argv=None) -> None:
             "loss_first": runs[0]["loss_first"],
             "loss_last": runs[0]["loss_last"],
         }
-    ratio = summary["flm_jax"]["tokens_per_sec"] / summary["torch"]["tokens_per_sec"]
+    ratio = summary["flm_jax"]["tokens_per_sec"] / summary["torch"]["tokens_per_sec"] if len(sides) == 2 else None
     results = {
         "machine": common.machine(),
         "shape": shape,
@@ -188,8 +185,9 @@ def main(argv=None) -> None:
             f"{side:8s} {s['step_time_s']:7.3f} s/step  {s['tokens_per_sec']:8.0f} tokens/s  MFU {s['mfu']:6.1%}  "
             f"loss {s['loss_first']:.3f} -> {s['loss_last']:.3f}"
         )
-    mfu = summary["flm_jax"]["mfu"]
-    print(f"flm_jax / PyTorch tokens/s: {ratio:.2f}x (goal 1.5x); flm_jax MFU {mfu:.1%} (goal 60%)")
+    if ratio is not None:
+        mfu = summary["flm_jax"]["mfu"]
+        print(f"flm_jax / PyTorch tokens/s: {ratio:.2f}x (goal 1.5x); flm_jax MFU {mfu:.1%} (goal 60%)")
     common.write_results(args.out, results)
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from flm_jax.cli import REPO_ROOT
-from flm_jax.config import ConfigError
+import gin
+from flm_jax.cli import REPO_ROOT, configured, load_gin
+from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.training.checkpoint import Checkpointer
 from flm_jax.training.config import TrainConfig
 from flm_jax.training.nonfinite import NonFiniteGuard, TrainingDiverged, all_finite
@@ -74,6 +76,28 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 
 
 EXPERIMENTS = sorted(p.name for p in (REPO_ROOT / "gin/experiments").glob("*.gin"))
+# An experiment made for a GPU (~1B parameters) runs its code path here at a toy shape of the same head_dim.
+CPU_SHAPES = {
+    "bench_gpu_1b.gin": {
+        "TeleFLMConfig.hidden_size": 256,
+        "TeleFLMConfig.intermediate_size": 512,
+        "TeleFLMConfig.num_hidden_layers": 2,
+        "TeleFLMConfig.num_attention_heads": 2,
+        "TeleFLMConfig.num_key_value_heads": 2,
+        "TrainConfig.batch_size": 2,
+        "TrainConfig.seq_len": 128,
+    }
+}
+
+
+def configured_hidden_size(name: str) -> int:
+    """The hidden size that gin/experiments/<name> (with its CPU shape) gives TeleFLMConfig."""
+    with gin.unlock_config():
+        gin.clear_config()
+        load_gin([f"gin/experiments/{name}"], [f"{k} = {v!r}" for k, v in CPU_SHAPES.get(name, {}).items()])
+        hidden = configured(TeleFLMConfig).hidden_size
+        gin.clear_config()
+    return hidden
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -86,13 +110,18 @@ def test_every_experiment_gin_runs_two_steps(name, tmp_path):
         "--gin.TrainConfig.eval_every=0",
         "--gin.TrainConfig.eval_tasks=('flm_prose',)",
         "--gin.TrainConfig.eval_split='minival'",  # the small fixed validation set: the run, not the score, is tested
+        *(f"--gin.{k}={v!r}" for k, v in CPU_SHAPES.get(name, {}).items()),
         env={"XLA_FLAGS": ""},
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # A CPU host's console shows no GPU probing (TensorFlow's start-up reports are filtered in flm_jax/data/_tf.py).
+    assert not re.search("cuInit|cuda", out.stderr, re.IGNORECASE), out.stderr[-3000:]
     last = metrics(tmp_path)[-1]
     assert last["step"] == 2 and np.isfinite(last["loss"]) and last["val_bpb"] > 0
     config_gin = Path(tmp_path, "config.gin").read_text()
-    assert "TrainConfig.steps = 2" in config_gin and "TeleFLMConfig.hidden_size = 256" in config_gin
+    hidden = configured_hidden_size(name)
+    assert hidden >= 256 and "TrainConfig.steps = 2" in config_gin
+    assert f"TeleFLMConfig.hidden_size = {hidden}" in config_gin  # the experiment's model, not a default
     assert "peak_flops_per_device.override = 178000000000.0" in config_gin  # the CPU peak MFU divided by
 
 

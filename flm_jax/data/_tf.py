@@ -1,14 +1,50 @@
-"""Imports TensorFlow for the input pipeline only: quiet logs, and no GPU, so it never competes with JAX."""
+"""Imports TensorFlow for the input pipeline only: quiet logs, and no GPU, so it never competes with JAX.
+
+TensorFlow's C++ start-up writes to file descriptor 2 before its log level applies: on a host without CUDA it
+reports the missing driver and a failed cuInit on every run, probing for GPUs that this pipeline never uses. The
+import and the GPU hiding run with descriptor 2 captured, and every captured line but those probe reports is
+written back, so real errors still show.
+"""
 
 import os
+import re
+import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
+# The start-up reports of a host without CUDA, and absl's note that they came before its logging began.
+_PROBE_NOISE = re.compile(
+    r"cudart_stub\.cc|failed call to cuInit|oneDNN custom operations are on|"
+    r"All log messages before absl::InitializeLog\(\) is called|Unable to register cu(DNN|FFT|BLAS) factory|"
+    r"computation placer already registered|This TensorFlow binary is optimized to use available CPU"
+)
 
-try:
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # TF's devices were already initialised by someone else; nothing more we can do.
-    pass
+
+def _import_tensorflow():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            try:
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:  # TF's devices were already initialised by someone else; nothing more we can do.
+                pass
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [
+                line for line in captured.read().decode(errors="replace").splitlines() if not _PROBE_NOISE.search(line)
+            ]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
+    return tf
+
+
+tf = _import_tensorflow()
 
 __all__ = ["tf"]
