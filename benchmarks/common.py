@@ -34,10 +34,13 @@ SMOKE_BINDINGS = [*SMOKE_MODEL_BINDINGS, "TrainConfig.batch_size = 2", "TrainCon
 
 def run_worker(module: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 3600) -> dict:
     """Run `python -m module --worker ...args` from the repository root and return the dict its worker printed
-    (`emit`). Its other output passes through, so long work shows progress."""
+    (`emit`). Its other output passes through, so long work shows progress. Every worker, flm_jax's or another
+    library's, runs with the heap settings that `python -m flm_jax.<tool>` gives itself (flm_jax/hugepages.py)."""
+    from flm_jax import hugepages
+
     cmd = [sys.executable, "-m", module, *args]
     proc = subprocess.Popen(
-        cmd, cwd=REPO_ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, text=True, bufsize=1
+        cmd, cwd=REPO_ROOT, env={**hugepages.environment(), **(env or {})}, stdout=subprocess.PIPE, text=True, bufsize=1
     )
     result = None
     for line in proc.stdout:

@@ -4,9 +4,13 @@ The core is flat (config, model, mup, optim, partitioning, params); concerns are
 growth/, hf/, inference/. `python -m flm_jax.<tool>` entry points are thin. docs/architecture.md is the map.
 """
 
-from flm_jax.config import ConfigError, TeleFLMConfig
-from flm_jax.model import TeleFLM
-from flm_jax.optim import OptimizerConfig
-from flm_jax.partitioning import MeshLayout
+from flm_jax import hugepages
+
+hugepages.reexec_command_line()  # first: a command line restarts with huge pages before importing JAX
+
+from flm_jax.config import ConfigError, TeleFLMConfig  # noqa: E402
+from flm_jax.model import TeleFLM  # noqa: E402
+from flm_jax.optim import OptimizerConfig  # noqa: E402
+from flm_jax.partitioning import MeshLayout  # noqa: E402
 
 __all__ = ["ConfigError", "MeshLayout", "OptimizerConfig", "TeleFLM", "TeleFLMConfig"]

@@ -11,6 +11,7 @@ import jax
 import pytest
 
 import gin
+from flm_jax import hugepages
 from flm_jax.cli import REPO_ROOT
 from flm_jax.config import ConfigError, TeleFLMConfig
 from flm_jax.optim import OptimizerConfig
@@ -231,3 +232,13 @@ def test_tpu_slice_names_give_chips_torus_and_hosts():
 def test_plan_compile_needs_a_slice():
     out = run_plan("--gin_file=gin/models/tiny.gin", "--gin_file=gin/meshes/fsdp_tp.gin", "--compile")
     assert out.returncode == 2 and "names no TPU slice: pass --topology" in out.stderr, out.stderr
+
+
+def test_command_lines_restart_with_huge_pages_unless_the_tunable_is_set(monkeypatch):
+    """`python -m flm_jax.<tool>` re-executes itself with glibc.malloc.hugetlb=1 where THP is on madvise
+    (flm_jax/hugepages.py); a tunable the user set is kept as it is."""
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    expected = "glibc.malloc.hugetlb=1" if hugepages.wanted() else ""
+    assert run_module("flm_jax.hugepages").stdout.strip() == expected
+    kept = run_module("flm_jax.hugepages", env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert kept.stdout.strip() == "glibc.malloc.hugetlb=0"
