@@ -9,7 +9,8 @@ over --window steps, the bfloat16 gap |bf16 - f32| is set against the seed gap |
 half of training and at the last step: bfloat16 is within noise when its gap is no larger. The speed is the median
 step time of float32 over that of bfloat16, on these runs and on the bench config (gin/experiments/bench_cpu.gin,
 --speed_steps steps each). Every run is `python -m flm_jax.train` in its own process (benchmarks/train_step.py's
-worker). Nothing else should run on the machine while it measures.
+worker). Nothing else should run on the machine while it measures. --smoke runs the three tiny runs at a toy
+shape for a few steps and leaves out the bench-config runs.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
         print(f"tiny pretraining, {name}, {args.steps} steps ...", flush=True)
         curves[name] = train_run(TINY_GIN, args.steps, warmup, extra + shrink)
     speed = {}
-    for name, extra in (("float32", []), ("bfloat16", BF16)):
+    for name, extra in (("float32", []), ("bfloat16", BF16)) if not args.smoke else ():  # smoke: tiny's speed only
         print(f"bench config, {name}, {args.speed_steps} steps ...", flush=True)
         speed[name] = train_run(BENCH_GIN, args.speed_steps, warmup, extra + shrink)
 
@@ -80,6 +81,7 @@ def main(argv=None) -> None:
     step_time = {
         run: {k: statistics.median(r["step_times_s"]) for k, r in runs.items()}
         for run, runs in (("tiny", curves), ("bench", speed))
+        if runs
     }
     results = {
         "machine": common.machine(),

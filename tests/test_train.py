@@ -76,8 +76,10 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
 
 
 EXPERIMENTS = sorted(p.name for p in (REPO_ROOT / "gin/experiments").glob("*.gin"))
-# An experiment made for a GPU (~1B parameters) runs its code path here at a toy shape of the same head_dim.
+# Experiments whose full shape takes long here (a benchmark's) or does not fit (a GPU's, ~1B parameters) run their
+# code path at a smaller shape: the same head_dim, and bench_cpu's width, unrolled stack and float32.
 CPU_SHAPES = {
+    "bench_cpu.gin": {"TeleFLMConfig.num_hidden_layers": 2, "TeleFLMConfig.scan_unroll": 2, "TrainConfig.seq_len": 128},
     "bench_gpu_1b.gin": {
         "TeleFLMConfig.hidden_size": 256,
         "TeleFLMConfig.intermediate_size": 512,
@@ -86,7 +88,7 @@ CPU_SHAPES = {
         "TeleFLMConfig.num_key_value_heads": 2,
         "TrainConfig.batch_size": 2,
         "TrainConfig.seq_len": 128,
-    }
+    },
 }
 
 
