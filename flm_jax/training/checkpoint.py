@@ -18,6 +18,7 @@ WORKDIR/config.gin holds the gin config of the run (its model, mesh, optimizer, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -43,6 +44,17 @@ def checkpoint_dir(workdir: PathLike) -> epath.Path:
 
 def _is_layer_stacked(path) -> bool:
     return any(getattr(k, "key", None) == "layers" for k in path)
+
+
+class _SmallChunksAreIntended(logging.Filter):
+    """orbax warns, once per array at every save, that a chunk under 1 MiB could be slow; one layer of a small
+    model is such a chunk, by design (layer_chunked_save_args)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "target_byte_size too small" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SmallChunksAreIntended())
 
 
 def layer_chunked_save_args(state: Any) -> Any:
