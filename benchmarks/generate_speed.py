@@ -8,11 +8,13 @@ flm_jax.export (--format=llama, float32); flm_jax decodes from the checkpoint (`
 cache, eos_id None), transformers from the export (LlamaForCausalLM in float32, eval, `generate` with do_sample=False,
 use_cache=True, exactly --new_tokens new tokens: no EOS). Each side runs in its own process on the same seeded random
 prompts: per batch size a warm-up call (flm_jax compiles its decoder there), then the best of --repeats timed calls.
-Reported per batch size: new tokens/s of each (batch x new_tokens / seconds, prefill included), their ratio, and the
-fraction of greedy tokens on which the two agree (recorded, not asserted: float32 roundings differ, and one
-different token changes the rest of its row). Limits: on a CPU a small model's decoding is bound by per-step
-overhead (an XLA while-loop iteration against eager PyTorch's Python per layer), not by FLOPs; transformers runs
-as shipped (dynamic cache, no torch.compile); JAX uses every core, PyTorch --threads (default: every core).
+flm_jax also decodes with full recomputation (`kv_cache=False`, the reference decoder) for the KV cache's own gain.
+Reported per batch size: new tokens/s of each (batch x new_tokens / seconds, prefill included), their ratios, and the
+fraction of greedy tokens on which flm_jax and transformers agree (recorded, not asserted: float32 roundings
+differ, and one different token changes the rest of its row). Limits: on a CPU a small model's decoding is bound
+by per-step overhead (an XLA while-loop iteration against eager PyTorch's Python per layer), not by FLOPs;
+transformers runs as shipped (dynamic cache, no torch.compile); JAX uses every core, PyTorch --threads (default:
+every core).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ from flm_jax.config import TeleFLMConfig
 MODULE = "benchmarks.generate_speed"
 DEFAULT_GIN = "gin/models/tiny.gin"
 SIDES = ("flm_jax", "transformers")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "dtype",
+)
 # --smoke: a seconds-long run of the whole script (tests/test_benchmarks.py), figures meaningless.
 SMOKE_RUN = {"prompt_len": 8, "new_tokens": 4, "repeats": 1}
 
@@ -85,11 +96,15 @@ def flm_jax_worker(args) -> None:
     config, params = load_model(workdir=args.model_dir)
     params = jax.device_put(params)
 
-    def decode(prompts):
-        return generate(params, config, prompts, args.new_tokens, eos_id=None, kv_cache=True)
+    def decoder(kv_cache: bool):
+        return lambda prompts: generate(params, config, prompts, args.new_tokens, eos_id=None, kv_cache=kv_cache)
 
-    runs = time_side(decode, args.batch_sizes, args.prompt_len, config.vocab_size, args.seed, args.repeats)
-    common.emit({"batches": runs, "device": jax.devices()[0].device_kind})
+    shape = (args.batch_sizes, args.prompt_len, config.vocab_size, args.seed, args.repeats)
+    timed = {
+        name: time_side(decoder(kv_cache), *shape)
+        for name, kv_cache in (("batches", True), ("full_recompute_batches", False))
+    }
+    common.emit({**timed, "device": jax.devices()[0].device_kind})
 
 
 def transformers_worker(args) -> None:
@@ -133,7 +148,9 @@ def summarise(runs: dict[str, dict], batch_sizes: list[int], new_tokens: int) ->
     rows = []
     for b in batch_sizes:
         ours, theirs = runs["flm_jax"]["batches"][str(b)], runs["transformers"]["batches"][str(b)]
+        full = runs["flm_jax"]["full_recompute_batches"][str(b)]
         ours_tok_s, theirs_tok_s = b * new_tokens / ours["seconds"], b * new_tokens / theirs["seconds"]
+        full_tok_s = b * new_tokens / full["seconds"]
         rows.append(
             {
                 "batch_size": b,
@@ -141,6 +158,8 @@ def summarise(runs: dict[str, dict], batch_sizes: list[int], new_tokens: int) ->
                 "transformers_tok_s": theirs_tok_s,
                 "flm_jax_over_transformers": ours_tok_s / theirs_tok_s,
                 "tokens_agree": agreement(ours["tokens"], theirs["tokens"]),
+                "flm_jax_full_recompute_tok_s": full_tok_s,
+                "kv_cache_over_full_recompute": ours_tok_s / full_tok_s,
                 "flm_jax_warmup_s": ours["warmup_s"],
                 "transformers_warmup_s": theirs["warmup_s"],
             }
@@ -197,14 +216,14 @@ def main(argv=None) -> None:
             runs[side] = common.run_worker(MODULE, ["--worker", side, f"--model_dir={model_dir}", *shared])
     rows = summarise(runs, args.batch_sizes, args.new_tokens)
     for run in runs.values():
-        for batch in run["batches"].values():
-            del batch["tokens"]
+        for key in ("batches", "full_recompute_batches"):
+            for batch in run.get(key, {}).values():
+                del batch["tokens"]
     results = {
         "machine": common.machine(),
         "smoke": args.smoke,
         "params": config.params_total(),
-        "shape": {k: getattr(config, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "dtype")}
-        | {k: getattr(config, k) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")},
+        "shape": {k: getattr(config, k) for k in SHAPE_FIELDS},
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
@@ -214,11 +233,12 @@ def main(argv=None) -> None:
         "runs": runs,
     }
     print(f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens, greedy, best of {args.repeats}:")
-    print("batch  flm_jax tok/s  transformers tok/s  flm_jax/transformers  tokens agree")
+    print("batch  flm_jax tok/s  transformers tok/s  flm_jax/transformers  tokens agree  full recompute tok/s  KV/full")
     for r in rows:
         print(
             f"{r['batch_size']:5d}  {r['flm_jax_tok_s']:13.1f}  {r['transformers_tok_s']:18.1f}  "
-            f"{r['flm_jax_over_transformers']:19.2f}x  {r['tokens_agree']:12.1%}"
+            f"{r['flm_jax_over_transformers']:19.2f}x  {r['tokens_agree']:12.1%}  "
+            f"{r['flm_jax_full_recompute_tok_s']:20.1f}  {r['kv_cache_over_full_recompute']:6.2f}x"
         )
     common.write_results(args.out, results)
 

@@ -57,6 +57,7 @@ def check_generate_speed(r):
         assert math.isclose(b["flm_jax_over_transformers"], b["flm_jax_tok_s"] / b["transformers_tok_s"])
         seconds = r["runs"]["flm_jax"]["batches"][str(b["batch_size"])]["seconds"]
         assert math.isclose(b["flm_jax_tok_s"], b["batch_size"] * r["new_tokens"] / seconds)
+        assert math.isclose(b["kv_cache_over_full_recompute"], b["flm_jax_tok_s"] / b["flm_jax_full_recompute_tok_s"])
 
 
 def check_input_pipeline(r):
