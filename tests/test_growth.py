@@ -1,6 +1,7 @@
 """Growth operators: function preservation (float64 and float32), old gradients, training dynamics after
 duplication, property-based shapes, sharded growth across meshes, and the grow entry point's refusals."""
 
+import functools
 import json
 
 import flax.linen as nn
@@ -75,7 +76,6 @@ TOKENS = np.random.default_rng(0).integers(0, 64, (2, 12)).astype(np.int32)
 
 def random_params(cfg, seed=0):
     """Trained-looking parameters: every leaf random (norm gains around 1), so no operator can rely on init."""
-    params = nn.meta.unbox(TeleFLM(cfg).init(jax.random.key(seed), TOKENS)["params"])
 
     def draw(path, x):
         noise = jax.random.normal(
@@ -83,14 +83,24 @@ def random_params(cfg, seed=0):
         )
         return 1.0 + 0.2 * noise if path[-1].key == "scale" else 0.1 * noise
 
-    return jax.tree_util.tree_map_with_path(draw, params)
+    @jax.jit  # one compile per shape, not one per operation
+    def make():
+        params = nn.meta.unbox(TeleFLM(cfg).init(jax.random.key(seed), TOKENS)["params"])
+        return jax.tree_util.tree_map_with_path(draw, params)
+
+    return make()
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compile per shape: run eagerly, the model is op by op
+def logits(cfg, params, masks=None):
+    return TeleFLM(cfg).apply({"params": params}, TOKENS, masks=masks)
 
 
 def grown_logits(src, params, spec, m=0.0):
     distances = np.linspace(0.3, 0.1, src.num_hidden_layers) if spec.layer_strategy == "distance" else None
     result = grow(params, src, spec, jax.random.key(7), distances=distances)
     masks = result.ramp.masks(result.config, m) if result.ramp else None
-    return TeleFLM(result.config).apply({"params": result.params}, TOKENS, masks=masks), result
+    return logits(result.config, result.params, masks), result
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -98,13 +108,13 @@ def test_exact_operators_and_msg_at_zero_preserve_logits_in_float64(name):
     with jax.enable_x64(True):
         src = SRC.replace(**F64)
         params = random_params(src)
-        before = TeleFLM(src).apply({"params": params}, TOKENS)
+        before = logits(src, params)
         after, result = grown_logits(src, params, SPECS[name])
         assert after.dtype == jnp.float64 and result.config.params_total() > src.params_total()
         assert float(jnp.abs(after[..., : src.vocab_size] - before).max()) <= 1e-9
         if result.ramp:  # the mask ramp really moves the function, and m = 1 is the plain grown model
             at_one, _ = grown_logits(src, params, SPECS[name], m=1.0)
-            plain = TeleFLM(result.config).apply({"params": result.params}, TOKENS)
+            plain = logits(result.config, result.params)
             assert float(jnp.abs(at_one[..., :64] - before).max()) > 1e-3
             np.testing.assert_allclose(np.asarray(at_one), np.asarray(plain), atol=1e-12)  # rounding only
 
@@ -124,7 +134,7 @@ def test_the_two_msg_ramp_forms_agree_at_the_ends_of_the_ramp_and_differ_inside_
 @pytest.mark.parametrize("name", ["hidden_heads_new", "hidden_heads_ffn_duplicate", "msg_everything"])
 def test_float32_relative_difference(name):
     params = random_params(SRC)
-    before = np.asarray(TeleFLM(SRC).apply({"params": params}, TOKENS))
+    before = np.asarray(logits(SRC, params))
     after, _ = grown_logits(SRC, params, SPECS[name])
     relative = np.abs(np.asarray(after)[..., :64] - before).max() / np.abs(before).max()
     assert relative <= 1e-5
@@ -173,10 +183,10 @@ def test_gradients_of_old_entries_are_unchanged(name):
 
             return f
 
-        before = jax.grad(loss(src))(params)
+        before = jax.jit(jax.grad(loss(src)))(params)
         result = grow(params, src, SPECS[name], jax.random.key(7))
         masks = result.ramp.masks(result.config, 0.0) if result.ramp else None
-        after = old_part(jax.grad(loss(result.config, masks))(result.params), src, result.config, result.order)
+        after = old_part(jax.jit(jax.grad(loss(result.config, masks)))(result.params), src, result.config, result.order)
         ratio = result.config.mup_scale_factor / src.mup_scale_factor
         for (path, g_old), g_new in zip(jax.tree_util.tree_leaves_with_path(before), jax.tree_util.tree_leaves(after)):
             expected = g_old / ratio if path[-1].key == "lm_head" else g_old
@@ -268,7 +278,7 @@ def test_property_random_shapes_preserve_the_function(
     )
     with jax.enable_x64(True):
         params = random_params(src, seed)
-        before = TeleFLM(src).apply({"params": params}, TOKENS)
+        before = logits(src, params)
         after, _ = grown_logits(src, params, spec)
         assert float(jnp.abs(after - before).max()) <= 1e-9
 
