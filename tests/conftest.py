@@ -1,6 +1,11 @@
 """Every test process sees 8 fake CPU devices (set before JAX starts), so sharding runs anywhere, and the session
 shares one persistent compilation cache with the subprocesses its tests start (each `python -m flm_jax.train` of a
-test compiles the steps an earlier one did: the cache saves about 5 s of every start)."""
+test compiles the steps an earlier one did: the cache saves about 5 s of every start).
+
+The suite runs on two pytest-xdist workers, one test module per worker at a time (pyproject.toml: `-n 2 --dist
+loadscope`), the slowest modules first so that no long one is left running alone at the end; `-n 0` runs it in one
+process.
+"""
 
 import atexit
 import os
@@ -18,6 +23,29 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import pytest  # noqa: E402
 
 import gin  # noqa: E402
+
+
+# Modules by their time in a 2-worker run (docs/performance.md), slowest first; the rest follow in file order.
+SLOWEST_FIRST = (
+    "test_benchmarks",
+    "test_growth",
+    "test_train",
+    "test_preemption",
+    "test_growth_harness",
+    "test_multihost",
+    "test_tpu_compile",
+    "test_export",
+    "test_remote_paths",
+    "test_finetune",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.stem
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
 
 
 @pytest.fixture(autouse=True)

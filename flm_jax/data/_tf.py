@@ -47,4 +47,13 @@ def _import_tensorflow():
 
 tf = _import_tensorflow()
 
-__all__ = ["tf"]
+
+def plain_graph_fn(fn):
+    """`fn` (a tf.data map, filter or reduce function of this package) traced as written, not rewritten by
+    AutoGraph: none of them branches or loops in Python on a tensor, and skipping AutoGraph's source-to-source
+    conversion of them took the pretraining pipeline's build from 3.85 s to 3.43 s (one run each). seqio's own
+    functions are still converted (its packing needs it)."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
+__all__ = ["plain_graph_fn", "tf"]

@@ -33,7 +33,7 @@ import numpy as np
 import seqio  # noqa: E402  (after _tf)
 
 from flm_jax.config import ConfigError
-from flm_jax.data._tf import tf
+from flm_jax.data._tf import plain_graph_fn, tf
 from flm_jax.data.corpus import ASSETS_DIR
 from flm_jax.data.vocab import (
     BOS_ID,
@@ -323,7 +323,7 @@ class ChatSource:
             s, n = starts_t[i], lengths_t[i]
             return {"targets": targets[s : s + n], WEIGHTS_KEY: weights[s : s + n]}
 
-        return ds.map(row, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.map(plain_graph_fn(row), num_parallel_calls=tf.data.AUTOTUNE)
 
     def text_stats(self, split: str, seq_len: int | None = None) -> tuple[int, int]:
         """(records that go into batches, UTF-8 bytes of their assistant texts)."""
@@ -340,7 +340,7 @@ def fit_sequence_length(
     if not length:
         return dataset
     if skip_malformed:
-        return dataset.filter(lambda ex: tf.size(ex["targets"]) <= length)
+        return dataset.filter(plain_graph_fn(lambda ex: tf.size(ex["targets"]) <= length))
 
     def check(ex):
         n = tf.size(ex["targets"])
@@ -348,7 +348,7 @@ def fit_sequence_length(
         with tf.control_dependencies([tf.debugging.assert_less_equal(n, length, message=msg)]):
             return {k: tf.identity(v) for k, v in ex.items()}
 
-    return dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.map(plain_graph_fn(check), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 @functools.cache
@@ -387,7 +387,8 @@ class ChatFeatureConverter(seqio.LMFeatureConverter):
     }
 
     def _convert_features(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
-        ds = ds.map(lambda ex: {**ex, WEIGHTS_KEY: ex[WEIGHTS_KEY] + 1}, num_parallel_calls=tf.data.AUTOTUNE)
+        shift = plain_graph_fn(lambda ex: {**ex, WEIGHTS_KEY: ex[WEIGHTS_KEY] + 1})
+        ds = ds.map(shift, num_parallel_calls=tf.data.AUTOTUNE)
         return super()._convert_features(ds, task_feature_lengths)
 
     def _convert_example(self, features: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:

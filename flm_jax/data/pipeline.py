@@ -25,7 +25,7 @@ import seqio  # noqa: E402
 
 from flm_jax.data import chat
 from flm_jax.data import tasks as tasks_lib
-from flm_jax.data._tf import tf
+from flm_jax.data._tf import plain_graph_fn, tf
 from flm_jax.data.vocab import BOS_ID
 
 Batch = dict[str, np.ndarray]
@@ -81,7 +81,7 @@ def packed_dataset(
         try_in_mem_cache=False,
     )
     ds = converter(ds, lengths)
-    ds = ds.map(_to_batch_format, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(plain_graph_fn(_to_batch_format), num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
     return ds.with_options(options)

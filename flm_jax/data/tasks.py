@@ -22,7 +22,7 @@ import seqio  # noqa: E402  (after _tf)
 import gin
 from flm_jax.config import ConfigError
 from flm_jax.data import chat, corpus
-from flm_jax.data._tf import tf
+from flm_jax.data._tf import plain_graph_fn, tf
 from flm_jax.data.vocab import get_vocabulary
 
 TEXT_KEY = "text"
@@ -59,7 +59,7 @@ def split_into_chunks(dataset: tf.data.Dataset, sequence_length: Mapping[str, in
         starts = tf.range(0, tf.size(ex["targets"]), length)
         return {"targets": tf.RaggedTensor.from_row_starts(ex["targets"], starts)}
 
-    return dataset.map(chunk, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return dataset.map(plain_graph_fn(chunk), num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
 def _preprocessors(text_key: str) -> list[Callable]:
@@ -97,7 +97,7 @@ def _corpus_dataset_fn(domain: str):
         # Shuffle indices, not texts: a checkpointed iterator then holds a shuffle buffer of integers (the same
         # order as shuffling the texts with the same seed).
         order = _shuffled(tf.data.Dataset.range(len(texts)), len(texts), shuffle_files, seed)
-        return order.map(lambda i: {TEXT_KEY: tf.gather(texts, i)})
+        return order.map(plain_graph_fn(lambda i: {TEXT_KEY: tf.gather(texts, i)}))
 
     return dataset_fn
 
@@ -119,11 +119,12 @@ def _files_dataset_fn(split_to_filepattern: Mapping[str, FilePatterns], document
             raise FileNotFoundError(f"no files match {patterns} (split {split!r})")
         ds = _shuffled(tf.data.Dataset.from_tensor_slices(files), len(files), shuffle_files, seed)
         if document_per == "file":
-            return ds.map(lambda f: {TEXT_KEY: tf.io.read_file(f)})
-        lines = ds.flat_map(tf.data.TextLineDataset).filter(lambda s: tf.strings.length(tf.strings.strip(s)) > 0)
+            return ds.map(plain_graph_fn(lambda f: {TEXT_KEY: tf.io.read_file(f)}))
+        non_blank = plain_graph_fn(lambda s: tf.strings.length(tf.strings.strip(s)) > 0)
+        lines = ds.flat_map(tf.data.TextLineDataset).filter(non_blank)
         if document_per == "line":
-            return lines.map(lambda s: {TEXT_KEY: s})
-        return lines.map(lambda s: {TEXT_KEY: parse_json(s)})
+            return lines.map(plain_graph_fn(lambda s: {TEXT_KEY: s}))
+        return lines.map(plain_graph_fn(lambda s: {TEXT_KEY: parse_json(s)}))
 
     return dataset_fn
 
@@ -284,8 +285,8 @@ def source_text_stats(name: str, split: str, seq_len: int | None = None) -> tupl
         return source.text_stats(split, seq_len)
     ds = seqio.get_mixture_or_task(name).source.get_dataset(split=split, shuffle=False)
     key = task_text_key(name)
-    lengths = ds.map(lambda ex: tf.strings.length(ex[key], unit="BYTE"), num_parallel_calls=tf.data.AUTOTUNE)
-    docs, total = lengths.reduce(
-        (tf.constant(0, tf.int64), tf.constant(0, tf.int64)), lambda acc, n: (acc[0] + 1, acc[1] + tf.cast(n, tf.int64))
-    )
+    byte_length = plain_graph_fn(lambda ex: tf.strings.length(ex[key], unit="BYTE"))
+    lengths = ds.map(byte_length, num_parallel_calls=tf.data.AUTOTUNE)
+    count = plain_graph_fn(lambda acc, n: (acc[0] + 1, acc[1] + tf.cast(n, tf.int64)))
+    docs, total = lengths.reduce((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), count)
     return int(docs), int(total)
