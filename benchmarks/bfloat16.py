@@ -63,6 +63,7 @@ def main(argv=None) -> None:
     shrink = [f"--gin.{b.replace(' = ', '=', 1)}" for b in common.SMOKE_BINDINGS] if args.smoke else []
     if args.smoke:
         args.steps, args.window, args.speed_steps = 6, 2, 4
+        common.run_workers_in_process()
     warmup = 3 if args.speed_steps > 3 else 0
     if args.steps < 4 or args.speed_steps <= warmup:
         raise cli.ConfigError(f"--steps={args.steps} must be at least 4 and --speed_steps above {warmup}.")

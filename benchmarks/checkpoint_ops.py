@@ -212,6 +212,8 @@ def main(argv=None) -> None:
         return export_worker(args.src, args.dst)
 
     table = SMOKE_SIZES if args.smoke else SIZES
+    if args.smoke:
+        common.run_workers_in_process()
     names = args.sizes.split(",") if args.sizes else list(table)
     unknown = sorted(set(names) - set(table))
     if unknown:

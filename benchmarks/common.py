@@ -9,6 +9,9 @@ another job on a 2-core host changes both sides unequally.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import platform
@@ -32,24 +35,51 @@ SMOKE_MODEL_BINDINGS = [
 SMOKE_BINDINGS = [*SMOKE_MODEL_BINDINGS, "TrainConfig.batch_size = 2", "TrainConfig.seq_len = 64"]
 
 
+# --smoke runs call their workers inside the calling process (`run_workers_in_process`): their figures mean nothing
+# anyway, and a fresh process per worker spent seconds importing JAX, TensorFlow or PyTorch each time.
+_in_process = False
+
+
+def run_workers_in_process() -> None:
+    """From here on, `run_worker` calls a worker's `main` in this process unless the worker needs its own
+    environment (for --smoke runs only: the workers then share thread pools, caches and memory)."""
+    global _in_process
+    _in_process = True
+
+
 def run_worker(module: str, args: list[str], env: dict[str, str] | None = None, timeout: float = 3600) -> dict:
     """Run `python -m module --worker ...args` from the repository root and return the dict its worker printed
     (`emit`). Its other output passes through, so long work shows progress. Every worker, flm_jax's or another
     library's, runs with the heap settings that `python -m flm_jax.<tool>` gives itself (flm_jax/hugepages.py)."""
+    if _in_process and env is None:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            importlib.import_module(module).main(args)
+        result = _relay(printed.getvalue().splitlines(keepends=True))
+        if result is None:
+            raise RuntimeError(f"benchmark worker printed no result: {module} {' '.join(args)}")
+        return result
+
     from flm_jax import hugepages
 
     cmd = [sys.executable, "-m", module, *args]
     proc = subprocess.Popen(
         cmd, cwd=REPO_ROOT, env={**hugepages.environment(), **(env or {})}, stdout=subprocess.PIPE, text=True, bufsize=1
     )
+    result = _relay(proc.stdout)
+    if proc.wait(timeout) != 0 or result is None:
+        raise RuntimeError(f"benchmark worker failed (exit {proc.returncode}): {' '.join(cmd)}")
+    return result
+
+
+def _relay(lines) -> dict | None:
+    """Print a worker's lines, indented, as they come; the dict of its result line."""
     result = None
-    for line in proc.stdout:
+    for line in lines:
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX) :])
         else:
             print("    " + line, end="", flush=True)
-    if proc.wait(timeout) != 0 or result is None:
-        raise RuntimeError(f"benchmark worker failed (exit {proc.returncode}): {' '.join(cmd)}")
     return result
 
 

@@ -187,6 +187,8 @@ def main(argv=None) -> None:
     if args.worker == "transformers":
         return transformers_worker(args)
 
+    if args.smoke:
+        common.run_workers_in_process()
     bindings = (common.SMOKE_MODEL_BINDINGS if args.smoke else []) + args.gin_bindings
     cli.load_gin(args.gin_file or [DEFAULT_GIN], bindings, reads_data=False)
     config = cli.configured(TeleFLMConfig)

@@ -237,6 +237,8 @@ def main(argv=None) -> None:
         args.batches = SMOKE_BATCHES
     if args.worker == "pipeline":
         return pipeline_worker(gin_files, bindings, args.batches)
+    if args.smoke:
+        common.run_workers_in_process()
 
     from flm_jax.training.config import TrainConfig
 

@@ -121,6 +121,8 @@ def main(argv=None) -> None:
         return flm_jax_worker(jax_args, dtype, args.steps, args.warmup, args.profile, args.workdir)
     if args.worker == "torch":
         return torch_worker(json.loads(args.shape), args.steps, args.warmup, args.threads)
+    if args.smoke:
+        common.run_workers_in_process()
 
     cli.load_gin(gin_files, bindings, reads_data=False)
     model_cfg, train_cfg = cli.configured(TeleFLMConfig), cli.configured(TrainConfig)
