@@ -24,7 +24,6 @@ import pytest  # noqa: E402
 
 import gin  # noqa: E402
 
-
 # Modules by their time in a 2-worker run (docs/performance.md), slowest first; the rest follow in file order.
 SLOWEST_FIRST = (
     "test_benchmarks",

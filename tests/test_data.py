@@ -151,6 +151,22 @@ def test_resume_from_iterator_snapshots_costs_the_same_at_any_step():
     assert not np.array_equal(following["targets"][:4], following["targets"][4:])
 
 
+def test_a_stream_resumed_by_skipping_saves_snapshots_that_resume_it_again():
+    """A checkpoint without snapshots (written before they existed, or of input shards another process read)
+    resumes by skipping; the snapshots the resumed run saves must restore into a graph that matches them."""
+    spec = data.ShardedSpec("flm_default", "train", 4, 32, 0)
+    uninterrupted = data.ShardedBatches(spec, (0,))
+    expected = [next(uninterrupted) for _ in range(5)]
+    skipped = data.ShardedBatches(spec, (0,), batches_consumed=2)
+    np.testing.assert_array_equal(next(skipped)["targets"], expected[2]["targets"])
+    resumed = data.ShardedBatches.from_state(skipped.state(), (0,), skipped.iterator_states())
+    assert resumed.restored_shards == (0,)
+    for want in expected[3:]:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
 def test_validation_bytes_match_an_independent_count():
     rows = [r for r in _snapshot_rows("code") if r["split"] == "validation"]
     val = data.validation_set("flm_code", batch_size=8, seq_len=256)

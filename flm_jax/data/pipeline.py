@@ -107,7 +107,9 @@ class BatchIterator:
 
     `serialize()` snapshots the tf.data iterator itself (shuffle buffers, packing, prefetched batches); restoring
     it (`iterator_state=`) costs the same at any step. Without a snapshot, resuming rebuilds the stream from its
-    spec and skips the consumed batches inside tf.data: exact, but its time grows with the step.
+    spec and skips the consumed batches inside tf.data: exact, but its time grows with the step. A snapshot only
+    restores into the dataset graph that wrote it, so a stream that skipped records its skip in its snapshots
+    (`_SKIP_HEADER`) and their restore rebuilds the same graph, with the skip already done.
     One input shard of several reads every num_shards-th document of the source (the same seed in every shard,
     so the shards partition each epoch's shuffled documents).
     """
@@ -157,7 +159,11 @@ class BatchIterator:
         )
         ds = ds.batch(self.spec.batch_size, drop_remainder=True)
         if iterator_state is None:
-            ds = ds.skip(self._consumed)
+            self._skipped = self._consumed
+        else:
+            self._skipped, iterator_state = _split_skip(iterator_state)
+        if self._skipped:
+            ds = ds.skip(self._skipped)
         self._it = iter(ds.prefetch(prefetch))
         if iterator_state is not None:
             state = tf.io.parse_tensor(iterator_state, tf.variant)
@@ -186,7 +192,8 @@ class BatchIterator:
         state = tf.raw_ops.SerializeIterator(
             resource_handle=self._it._iterator_resource, external_state_policy=_IGNORE_EXTERNAL_STATE
         )
-        return tf.io.serialize_tensor(state).numpy()
+        snapshot = tf.io.serialize_tensor(state).numpy()
+        return _SKIP_HEADER + b"%d\n" % self._skipped + snapshot if self._skipped else snapshot
 
     @classmethod
     def from_state(cls, state: dict[str, Any], **kwargs) -> BatchIterator:
@@ -194,6 +201,19 @@ class BatchIterator:
         if state.pop("format", None) != STATE_FORMAT:
             raise ValueError(f"not a {STATE_FORMAT} state: {state}")
         return cls(**state, **kwargs)
+
+
+# Leads the snapshot of a stream that was resumed by skipping N batches: b"<header>N\n<serialized iterator>". A bare
+# serialized tensor (a TensorProto, whose first byte is a field tag) never starts with it.
+_SKIP_HEADER = b"flm_jax skipped "
+
+
+def _split_skip(snapshot: bytes) -> tuple[int, bytes]:
+    """(batches the snapshotted stream's graph skipped, the serialized iterator)."""
+    if not snapshot.startswith(_SKIP_HEADER):
+        return 0, snapshot
+    count, _, rest = snapshot[len(_SKIP_HEADER) :].partition(b"\n")
+    return int(count), rest
 
 
 class ValidationSet(NamedTuple):
