@@ -3,8 +3,10 @@ distance-based layer selection ranks, and the function-preservation check of a g
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import jax
 import numpy as np
 
 from flm_jax import data
@@ -29,9 +31,15 @@ def layer_distances(config: TeleFLMConfig, params: Any, batch: dict[str, np.ndar
     return np.asarray(state["intermediates"]["layers"]["cos_distance"][0]).tolist()
 
 
-def _logits_and_loss(config: TeleFLMConfig, params: Any, batch, masks: GrowthMasks | None = None):
+@functools.partial(jax.jit, static_argnums=0)  # one compile; run eagerly, the model compiled ~140 single operations
+def _compiled_logits_and_loss(config: TeleFLMConfig, params: Any, batch, masks: GrowthMasks | None):
     logits = TeleFLM(config).apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"], masks)
     loss, _ = lm_loss(params, batch, config, masks=masks)
+    return logits, loss
+
+
+def _logits_and_loss(config: TeleFLMConfig, params: Any, batch, masks: GrowthMasks | None = None):
+    logits, loss = _compiled_logits_and_loss(config, params, batch, masks)
     return np.asarray(logits), float(loss)
 
 
