@@ -83,10 +83,12 @@ def test_sigkill_at_random_moments_and_sigterm_always_resume_to_the_uninterrupte
         assert proc.wait(timeout=60) == -signal.SIGKILL
         left = in_flight_saves(tmp_path)  # before a CheckpointManager (latest, restore) cleans them up
         step = latest(tmp_path)
-        # The latest complete checkpoint restores; a save cut short is never picked up.
-        state, data_state, _ = restore(tmp_path)
-        assert int(state["step"]) == step == data_state["batches_consumed"]
-        assert all(int(name.split(".")[0]) > step for name in left), (left, step)
+        # The latest complete checkpoint restores; a save cut short is never picked up. A kill before the first
+        # save completed leaves none (seen with the other test worker slowing the save): the next start is fresh.
+        if step is not None:
+            state, data_state, _ = restore(tmp_path)
+            assert int(state["step"]) == step == data_state["batches_consumed"]
+        assert all(int(name.split(".")[0]) > (step or 0) for name in left), (left, step)
         outcomes.append(
             {"trial": trial, "from": before, "after_kill": step, "saving_at_kill": partial, "partial_left": left}
         )
