@@ -94,6 +94,8 @@ def test_sigkill_at_random_moments_and_sigterm_always_resume_to_the_uninterrupte
         )
     print("kill trials:", *outcomes, sep="\n  ")
     assert any(o["saving_at_kill"] for o in outcomes), "no kill landed during a save: the trials test too little"
+    restored = sum(o["after_kill"] is not None for o in outcomes)
+    assert restored >= TRIALS // 2, f"only {restored} kills left a checkpoint to restore: the trials test too little"
 
     # SIGTERM (preemption): the run finishes its step, saves it and exits 0; the next start resumes from it.
     before = latest(tmp_path)
