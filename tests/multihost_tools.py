@@ -15,6 +15,7 @@ GrowthSpec.hidden_size = 96
 GrowthSpec.num_attention_heads = 6
 GrowthSpec.intermediate_size = 192
 GrowthSpec.num_hidden_layers = 3
+GrowthSpec.layer_strategy = "distance"
 """
 MESH = "--gin_file=gin/meshes/fsdp.gin"
 EXPORT = ["--tokenizer=none", "--max_shard_size=300KB"]  # several files, so both processes write some

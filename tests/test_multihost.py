@@ -105,8 +105,10 @@ def test_two_processes_grow_export_and_import_like_one_host(two_processes, tmp_p
     files, mine = map(int, re.search(r"\((\d+) files, (\d+) of them by this process of 2\)", outs[0][0]).groups())
     assert files > 2 and mine == (files + 1) // 2
 
-    spec = GrowthSpec(hidden_size=96, num_attention_heads=6, intermediate_size=192, num_hidden_layers=3)
-    grow_checkpoint(root / "src", tmp_path / "grown_1", spec, FSDP8)
+    spec = GrowthSpec(
+        hidden_size=96, num_attention_heads=6, intermediate_size=192, num_hidden_layers=3, layer_strategy="distance"
+    )
+    report = grow_checkpoint(root / "src", tmp_path / "grown_1", spec, FSDP8)
     two, one = read_train_state(root / "grown")[1], read_train_state(tmp_path / "grown_1")[1]
     assert_trees_equal(two["params"], one["params"])
     # Adam's nu of new embedding columns is a mean over the old ones: a cross-process all-reduce sums in another
@@ -114,6 +116,10 @@ def test_two_processes_grow_export_and_import_like_one_host(two_processes, tmp_p
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), two["opt_state"], one["opt_state"])
     grown = json.loads((root / "grown" / "growth.json").read_text())
     assert grown["max_abs_dlogit"] < 1e-4 and grown["target_params"] > grown["source_params"]
+    # the layer distances that chose where the new layer goes, measured with parameters sharded over two processes
+    assert len(grown["layer_distances"]) == 2 and min(grown["layer_distances"]) > 0
+    np.testing.assert_allclose(grown["layer_distances"], report["layer_distances"], rtol=1e-5)
+    assert grown["layer_order"] == [list(entry) for entry in report["layer_order"]]
 
     export(root / "src", tmp_path / "hf_1", tokenizer="none", max_shard_size="300KB", progress=lambda _: None)
     files = sorted(os.listdir(root / "hf"))

@@ -20,7 +20,7 @@ import jax
 from flm_jax.config import ConfigError
 from flm_jax.files import atomic_write_text, check_output_folder
 from flm_jax.growth import grow
-from flm_jax.growth.calibration import layer_distances, preservation, probe_batch
+from flm_jax.growth.calibration import preservation, probe, probe_batch
 from flm_jax.growth.msg import METADATA_KEY, MSGRamp
 from flm_jax.growth.spec import GrowthSpec, target_config
 from flm_jax.multihost import barrier
@@ -76,7 +76,8 @@ def grow_checkpoint(
     src_ckpt.close()
 
     batch = probe_batch(src_cfg)
-    distances = layer_distances(src_cfg, state["params"], batch) if spec.layer_strategy == "distance" else None
+    before = probe(src_cfg, state["params"], batch, layer_distances=spec.layer_strategy == "distance")
+    distances = before.layer_distances
     tgt_spec = StateSpec.build(tgt_cfg, OptimizerConfig(), mesh, layout, step + 1)
     grow_started = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(layout.flax_rules()):
@@ -97,7 +98,7 @@ def grow_checkpoint(
     report = {
         "source": str(src_workdir),
         "step": step,
-        **preservation(src_cfg, state["params"], tgt_cfg, result.params, batch, masks),
+        **preservation(before, probe(tgt_cfg, result.params, batch, masks), batch),
         "grow_seconds": grow_seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "source_params": src_cfg.params_total(),
