@@ -6,6 +6,7 @@ import and the GPU hiding run with descriptor 2 captured, and every captured lin
 written back, so real errors still show.
 """
 
+import contextlib
 import os
 import re
 import sys
@@ -56,4 +57,16 @@ def plain_graph_fn(fn):
     return tf.autograph.experimental.do_not_convert(fn)
 
 
-__all__ = ["plain_graph_fn", "tf"]
+@contextlib.contextmanager
+def autograph_off():
+    """tf.data functions traced inside are not converted by AutoGraph, seqio's included. For the preprocessing of
+    seqio tasks (tokenizing, rekeying), whose functions have no Python control flow on tensors: converting them was
+    ~0.9 s of the ~3.2 s that building a pretraining pipeline took. A function that did need the conversion would
+    fail to trace, not run differently. seqio's packing needs it, so the feature converter runs outside."""
+    from tensorflow.python.autograph.core import ag_ctx  # TF has no public switch for it
+
+    with ag_ctx.ControlStatusCtx(status=ag_ctx.Status.DISABLED):
+        yield
+
+
+__all__ = ["autograph_off", "plain_graph_fn", "tf"]

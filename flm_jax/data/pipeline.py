@@ -25,7 +25,7 @@ import seqio  # noqa: E402
 
 from flm_jax.data import chat
 from flm_jax.data import tasks as tasks_lib
-from flm_jax.data._tf import plain_graph_fn, tf
+from flm_jax.data._tf import autograph_off, plain_graph_fn, tf
 from flm_jax.data.vocab import BOS_ID
 
 Batch = dict[str, np.ndarray]
@@ -70,16 +70,17 @@ def packed_dataset(
         converter = seqio.LMFeatureConverter(pack=True, bos_id=BOS_ID)
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
     # try_in_mem_cache=False: seqio would otherwise cache a small source after its first (shuffled) epoch.
-    ds = provider.get_dataset(
-        sequence_length=lengths,
-        split=split,
-        shuffle=shuffle,
-        seed=seed,
-        num_epochs=num_epochs,
-        shard_info=shard_info,
-        use_cached=False,
-        try_in_mem_cache=False,
-    )
+    with autograph_off():
+        ds = provider.get_dataset(
+            sequence_length=lengths,
+            split=split,
+            shuffle=shuffle,
+            seed=seed,
+            num_epochs=num_epochs,
+            shard_info=shard_info,
+            use_cached=False,
+            try_in_mem_cache=False,
+        )
     ds = converter(ds, lengths)
     ds = ds.map(plain_graph_fn(_to_batch_format), num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
