@@ -131,7 +131,7 @@ def grow_worker(src: str, dst: str, gin_files: list[str], bindings: list[str]) -
     argv = [*(f"--gin_file={f}" for f in [MESH_GIN, *gin_files]), *flags(bindings)]
     result = timed(grow.main, [*argv, f"--from_workdir={src}", f"--workdir={dst}"])
     report = json.loads((Path(dst) / "growth.json").read_text())
-    kept = ("grow_seconds", "wall_seconds", "target_params", "max_abs_dlogit")
+    kept = ("phase_seconds", "wall_seconds", "target_params", "max_abs_dlogit")
     common.emit({**result, **{k: report[k] for k in kept}})
 
 
@@ -190,6 +190,8 @@ def print_table(sizes: dict[str, dict]) -> None:
             f"{export['peak_rss_before_tokenizer_mib'] / s['checkpoint_mib']:.2f}x before the tokenizer, "
             f"imports alone {export['imports_rss_mib'] / s['checkpoint_mib']:.2f}x)"
         )
+        phases = ", ".join(f"{phase} {sec:.2f} s" for phase, sec in s["ops"]["grow"]["phase_seconds"].items())
+        print(f"{name}: grow's phases: {phases}")
 
 
 def main(argv=None) -> None:

@@ -44,6 +44,7 @@ def grow_checkpoint(
     DST/growth.json holds. Raises ConfigError, writing nothing, when the growth cannot or did not preserve the
     function."""
     started = time.time()
+    seconds = {}  # per phase, for growth.json: what a grow spends its time on
     dst = as_path(dst_workdir)
     check_output_folder(dst, "--workdir")
     if dst.exists() and any(dst.iterdir()):
@@ -74,12 +75,15 @@ def grow_checkpoint(
             f"metadata, so it cannot be grown (was the checkpoint edited by hand?): {e}"
         ) from None
     src_ckpt.close()
+    seconds["restore"] = time.time() - started
 
+    phase_started = time.time()
     batch = probe_batch(src_cfg)
     before = probe(src_cfg, state["params"], batch, layer_distances=spec.layer_strategy == "distance")
     distances = before.layer_distances
+    seconds["probe_source"] = time.time() - phase_started
     tgt_spec = StateSpec.build(tgt_cfg, OptimizerConfig(), mesh, layout, step + 1)
-    grow_started = time.time()
+    phase_started = time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(layout.flax_rules()):
         result = grow(
             state["params"],
@@ -92,14 +96,18 @@ def grow_checkpoint(
             shardings=(tgt_spec.shardings["params"], tgt_spec.shardings["opt_state"]),
         )
         jax.block_until_ready(result.params)
-    grow_seconds = time.time() - grow_started
+    seconds["grow"] = time.time() - phase_started
 
+    phase_started = time.time()
     masks = result.ramp.masks(tgt_cfg, 0.0) if result.ramp else None
+    preserved = preservation(before, probe(tgt_cfg, result.params, batch, masks), batch)
+    seconds["probe_target"] = time.time() - phase_started
     report = {
         "source": str(src_workdir),
         "step": step,
-        **preservation(before, probe(tgt_cfg, result.params, batch, masks), batch),
-        "grow_seconds": grow_seconds,
+        **preserved,
+        "grow_seconds": seconds["grow"],
+        "phase_seconds": seconds,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "source_params": src_cfg.params_total(),
         "target_params": tgt_cfg.params_total(),
@@ -128,6 +136,7 @@ def grow_checkpoint(
         grown_from={"workdir": str(src_workdir), "step": step},
         **({METADATA_KEY: result.ramp.to_metadata(step)} if result.ramp else {}),
     )
+    phase_started = time.time()
     out = Checkpointer(dst, async_save=False)
     out.save(
         step,
@@ -137,7 +146,10 @@ def grow_checkpoint(
         force=True,
     )
     out.close()
+    seconds["save"] = time.time() - phase_started  # report holds `seconds`: growth.json gets this phase too
     report["wall_seconds"] = time.time() - started
+    phases = ", ".join(f"{name} {s:.1f} s" for name, s in seconds.items())
+    print(f"grown checkpoint written to {dst} in {report['wall_seconds']:.1f} s ({phases})", flush=True)
     if jax.process_index() != 0:  # every process wrote its shards of the checkpoint; process 0 writes the rest
         return report
     src_gin = as_path(src_workdir) / "config.gin"
