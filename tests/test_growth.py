@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flm_jax.config import ConfigError, TeleFLMConfig
-from flm_jax.growth import GrowthSpec, grow, target_config
+from flm_jax.growth import GrowthSpec, counter_rng, grow, target_config
 from flm_jax.growth.checkpoint import grow_checkpoint
 from flm_jax.growth.operators import axis_roles, grow_tree
 from flm_jax.model import TeleFLM
@@ -309,6 +309,23 @@ def test_sharded_growth_across_meshes_equals_one_device():
     assert q.sharding.mesh.shape == {"data": 1, "fsdp": 4, "tensor": 2} and len(q.addressable_shards) == 8
     for a, b in zip(jax.tree_util.tree_leaves(on_one), jax.tree_util.tree_leaves(on_mesh)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_counter_generator_draws_independent_standard_normals():
+    """New entries' random values (flm_jax.growth.counter_rng): standard normal, uncorrelated with their
+    neighbours and with other streams, a pure function of seed and coordinates."""
+    seed = counter_rng.seed_from_key(jax.random.key(3))
+    draw = jax.jit(counter_rng.normal, static_argnums=1)
+    z = np.asarray(draw(seed, (512, 384)), np.float64)
+    n = z.size
+    assert abs(z.mean()) < 4 / np.sqrt(n) and abs(z.std() - 1) < 0.01
+    for tail, probability in ((1, 0.3173), (2, 0.0455), (3, 0.0027)):  # two-sided normal tails
+        assert abs((np.abs(z) > tail).mean() - probability) < 6 * np.sqrt(probability / n)
+    others = [draw(counter_rng.fold_in(seed, i), (512, 384)) for i in (1, 2)]
+    others.append(draw(counter_rng.seed_from_key(jax.random.key(4)), (512, 384)))
+    for a, b in [(z[1:], z[:-1]), (z[:, 1:], z[:, :-1]), *((z, np.asarray(o)) for o in others)]:
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    np.testing.assert_array_equal(np.asarray(draw(seed, (7, 5))), z[:7, :5])
 
 
 def test_bad_growths_are_refused_with_the_fix():

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from flm_jax.config import TeleFLMConfig
+from flm_jax.growth import counter_rng
 from flm_jax.growth.spec import GrowthSpec
 from flm_jax.mup import init_std
 
@@ -64,7 +65,7 @@ def _method(spec: GrowthSpec, space: str) -> str:
 
 
 def _new_entries(
-    x, axis: int, count: int, kind: str, role: str, space: str, std: float | None, spec: GrowthSpec, key: jax.Array
+    x, axis: int, count: int, kind: str, role: str, space: str, std: float | None, spec: GrowthSpec, seed: jax.Array
 ):
     """`count` fresh entries along `axis`: what the operator rule says new structure starts with."""
     shape = list(x.shape)
@@ -83,17 +84,17 @@ def _new_entries(
     )
     if zero or std is None:
         return jnp.zeros(shape, x.dtype)
-    return (std * jax.random.normal(key, shape)).astype(x.dtype)
+    return (std * counter_rng.normal(seed, tuple(shape))).astype(x.dtype)
 
 
-def _duplicate(x, axis: int, k: int, kind: str, role: str, spec: GrowthSpec, key: jax.Array):
+def _duplicate(x, axis: int, k: int, kind: str, role: str, spec: GrowthSpec, seed: jax.Array):
     """k copies along `axis` (docs/growth_math.md, duplication): readers' copies carry W/k (+ zero-sum noise), so
     outputs are unchanged; the gradient of each copy of a written axis is 1/k of the original, hence mu/k and nu/k^2."""
     tiled = jnp.concatenate([x] * k, axis=axis)
     if kind == "params" and role == "in":
         tiled = tiled / k
         if spec.duplicate_noise:
-            noise = spec.duplicate_noise * jax.random.normal(key, x.shape, x.dtype)
+            noise = (spec.duplicate_noise * counter_rng.normal(seed, x.shape)).astype(x.dtype)
             parts = [noise] * (k - 1) + [-(k - 1) * noise]  # sums to zero across copies
             tiled = tiled + jnp.concatenate(parts, axis=axis)
     elif role in ("out", "gain") and kind != "params":
@@ -102,11 +103,13 @@ def _duplicate(x, axis: int, k: int, kind: str, role: str, spec: GrowthSpec, key
 
 
 def grow_width(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSpec, kind: str, rng: jax.Array) -> Any:
-    """Grow hidden, heads (with their kv heads), FFN and vocabulary of every leaf (layers untouched)."""
+    """Grow hidden, heads (with their kv heads), FFN and vocabulary of every leaf (layers untouched). New random
+    entries come from `rng` through counter_rng (a pure function of the key, the leaf, the axis and the entry)."""
+    root_seed = counter_rng.seed_from_key(rng)
 
     def grow_leaf(path, x):
         name = jax.tree_util.keystr(path, simple=True, separator="/")
-        key = jax.random.fold_in(rng, zlib.crc32(name.encode()))
+        seed = counter_rng.fold_in(root_seed, zlib.crc32(name.encode()))
         std = init_std(tgt, leaf_name(path))
         for axis, role_spec in enumerate(axis_roles(path)):
             if role_spec is None or role_spec[0] == "layers":
@@ -117,10 +120,10 @@ def grow_width(tree: Any, src: TeleFLMConfig, tgt: TeleFLMConfig, spec: GrowthSp
                 continue
             k = N // n if _method(spec, space) == "duplicate" else 1
             if k > 1:
-                x = _duplicate(x, axis, k, kind, role, spec, jax.random.fold_in(key, 2 * axis))
+                x = _duplicate(x, axis, k, kind, role, spec, counter_rng.fold_in(seed, 2 * axis))
             if N > k * n:
                 fresh = _new_entries(
-                    x, axis, N - k * n, kind, role, space, std, spec, jax.random.fold_in(key, 2 * axis + 1)
+                    x, axis, N - k * n, kind, role, space, std, spec, counter_rng.fold_in(seed, 2 * axis + 1)
                 )
                 x = jnp.concatenate([x, fresh], axis=axis)
         if leaf_name(path) == "lm_head" and src.use_mup and tgt.mup_scale_factor != src.mup_scale_factor:
