@@ -1,19 +1,18 @@
 """Crash safety from outside the process: `python -m flm_jax.train` killed with SIGKILL at random moments (during
 steps and during asynchronous saves), then stopped by SIGTERM (preemption), resumes every time and ends bitwise
-equal to an uninterrupted run."""
+equal to an uninterrupted run. The runs are forked from one process that imported flm_jax.train once
+(tests/forked_train.py): twelve starts without twelve interpreters' imports."""
 
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from flm_jax.cli import REPO_ROOT
 from flm_jax.training.checkpoint import Checkpointer
 from flm_jax.training.config import TrainConfig
+from tests import forked_train
 from tests.helpers import FAST_FLAGS, MODEL_FLAGS, assert_trees_equal, restore, run_train
 
 STEPS = 40
@@ -23,25 +22,24 @@ TRIALS = 10
 PROGRESS = re.compile(r"^\[\s*(\d+)/")
 
 
-def start(workdir) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def server():
+    server = forked_train.Server()
+    yield server
+    server.close()
+
+
+def start(server: forked_train.Server, workdir, log) -> forked_train.Run:
     flags = [f"--gin.TrainConfig.{k}={getattr(RUN, k)!r}" for k in ("steps", "batch_size", "seq_len", "log_every")]
     flags += ["--gin.TrainConfig.eval_tasks=()", "--gin.TrainConfig.checkpoint_every=1"]
-    return subprocess.Popen(
-        [sys.executable, "-m", "flm_jax.train", "--gin_file=gin/meshes/single.gin", f"--workdir={workdir}"]
-        + MODEL_FLAGS
-        + flags
-        + FAST_FLAGS,
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    argv = ["--gin_file=gin/meshes/single.gin", f"--workdir={workdir}", *MODEL_FLAGS, *flags, *FAST_FLAGS]
+    return server.start(argv, log)
 
 
-def wait_for_step(proc: subprocess.Popen, step: int) -> list[str]:
+def wait_for_step(run: forked_train.Run, step: int) -> list[str]:
     """Read the run's progress until it reports `step`; the lines read."""
     lines = []
-    for line in proc.stdout:
+    for line in run.lines():
         lines.append(line)
         m = PROGRESS.match(line)
         if m and int(m.group(1)) >= step:
@@ -68,19 +66,22 @@ def uninterrupted(tmp_path_factory):
     return restore(workdir)[0]
 
 
-def test_sigkill_at_random_moments_and_sigterm_always_resume_to_the_uninterrupted_run(uninterrupted, tmp_path):
+def test_sigkill_at_random_moments_and_sigterm_always_resume_to_the_uninterrupted_run(
+    uninterrupted, server, tmp_path_factory
+):
+    tmp_path, logs = tmp_path_factory.mktemp("run"), tmp_path_factory.mktemp("logs")
     rng = random.Random(13)
     outcomes = []
     for trial in range(TRIALS):
         before = latest(tmp_path)
-        proc = start(tmp_path)
+        proc = start(server, tmp_path, logs / f"kill_{trial}.log")
         seen = wait_for_step(proc, (before or 0) + rng.randint(1, 3))
         if before is not None:
             assert f"Resumed from {tmp_path}/checkpoints/{before}." in "".join(seen)
         time.sleep(rng.uniform(0, 0.3))  # somewhere in the next step or its save
         partial = in_flight_saves(tmp_path)
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert proc.wait() == -signal.SIGKILL
         left = in_flight_saves(tmp_path)  # before a CheckpointManager (latest, restore) cleans them up
         step = latest(tmp_path)
         # The latest complete checkpoint restores; a save cut short is never picked up. A kill before the first
@@ -99,17 +100,17 @@ def test_sigkill_at_random_moments_and_sigterm_always_resume_to_the_uninterrupte
 
     # SIGTERM (preemption): the run finishes its step, saves it and exits 0; the next start resumes from it.
     before = latest(tmp_path)
-    proc = start(tmp_path)
+    proc = start(server, tmp_path, logs / "sigterm.log")
     wait_for_step(proc, before + 2)
     proc.send_signal(signal.SIGTERM)
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=120) == 0, rest[-2000:]
+    rest = "".join(proc.lines())
+    assert proc.wait() == 0, rest[-2000:]
     stopped = latest(tmp_path)
     assert f"[{stopped:>6}/{STEPS}] preempted (SIGTERM): saved this step" in rest
     assert not in_flight_saves(tmp_path) and before + 2 <= stopped < STEPS
 
-    final = start(tmp_path)
-    out = final.stdout.read()
-    assert final.wait(timeout=300) == 0, out[-2000:]
+    final = start(server, tmp_path, logs / "final.log")
+    out = "".join(final.lines())
+    assert final.wait() == 0, out[-2000:]
     assert f"Resumed from {tmp_path}/checkpoints/{stopped}." in out
     assert_trees_equal(uninterrupted, restore(tmp_path)[0])  # params and Adam moments, bit for bit
