@@ -18,6 +18,7 @@ from flm_jax.data.pipeline import (
     BatchIterator,
     ValidationSet,
     bits_per_byte,
+    first_validation_batches,
     packed_dataset,
     validation_set,
 )
@@ -104,5 +105,6 @@ __all__ = [
     "required_vocab_size",
     "skipped_records",
     "tfds_name",
+    "first_validation_batches",
     "validation_set",
 ]

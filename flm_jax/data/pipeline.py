@@ -265,6 +265,13 @@ def validation_set(
     return ValidationSet(batches, num_bytes, num_documents, num_tokens, batch_size)
 
 
+def first_validation_batches(name: str, batch_size: int, seq_len: int, count: int, split: str = "validation"):
+    """The first `count` batches of validation_set(name, batch_size, seq_len, split).batches (one input shard),
+    packing only what they hold, not the whole split."""
+    ds = packed_dataset(name, split, seq_len, shuffle=False, num_epochs=1)
+    return list(ds.batch(batch_size).take(count).as_numpy_iterator())
+
+
 def bits_per_byte(total_nll_nats: float, total_bytes: int) -> float:
     """Bits per UTF-8 byte from the summed token NLL (nats) over a text of `total_bytes` bytes."""
     if total_bytes <= 0:

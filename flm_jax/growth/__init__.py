@@ -46,9 +46,9 @@ def grow(
     start_step: int = 0,
     shardings: Any = None,
 ) -> GrowthResult:
-    """Grow a parameter tree (and optionally an optax state holding Adam moments). With `shardings` (the target
-    (params, opt_state) shardings) the arrays are grown inside one jax.jit with those out_shardings, so each
-    device computes only its shards; call it under the target mesh."""
+    """Grow a parameter tree (and optionally an optax state holding Adam moments), in one jax.jit. With
+    `shardings` (the target (params, opt_state) shardings) those are its out_shardings, so each device computes
+    only its shards; call it under the target mesh."""
     tgt = target_config(src, spec)
     order = layer_order(src, spec, distances)
 
@@ -61,8 +61,8 @@ def grow(
         )
         return new_params, new_opt
 
-    if shardings is not None:
-        grow_arrays = jax.jit(grow_arrays, out_shardings=shardings)
+    # Compiled even on one device: run op by op, every operation of every leaf's shape compiled on its own.
+    grow_arrays = jax.jit(grow_arrays) if shardings is None else jax.jit(grow_arrays, out_shardings=shardings)
     new_params, new_opt = grow_arrays(params, opt_state)
     ramp = MSGRamp.after_growth(src, order, start_step, spec.ramp_steps, spec.msg_form) if spec.mode == "msg" else None
     return GrowthResult(new_params, new_opt, tgt, order, ramp)

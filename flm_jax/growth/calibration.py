@@ -26,11 +26,9 @@ class Probe(NamedTuple):
 
 
 def probe_batch(config: TeleFLMConfig, batch_size: int = 4, seq_len: int = 128) -> dict[str, np.ndarray]:
-    """The first packed validation rows of the embedded corpus (deterministic): the first batch of
-    data.validation_set, without packing the rest of the split."""
+    """The first packed validation rows of the embedded corpus (deterministic)."""
     seq_len = min(seq_len, config.max_position_embeddings)
-    ds = data.packed_dataset(PROBE_TASK, "validation", seq_len, shuffle=False, num_epochs=1)
-    return next(ds.batch(batch_size).take(1).as_numpy_iterator())
+    return data.first_validation_batches(PROBE_TASK, batch_size, seq_len, 1)[0]
 
 
 # One compile per model; run eagerly, the model compiled ~140 single operations.

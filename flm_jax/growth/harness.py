@@ -104,13 +104,14 @@ def experiment_data(
     evals = [
         batch
         for task in ("flm_prose", "flm_code")
-        for batch in data.validation_set(task, batch_size, seq_len).batches[:eval_batches_per_domain]
+        for batch in data.first_validation_batches(task, batch_size, seq_len, eval_batches_per_domain)
     ]
     return train.__getitem__, evals
 
 
 def fresh_params(config: TeleFLMConfig, seed: int) -> Any:
-    return nn.meta.unbox(TeleFLM(config).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+    init = jax.jit(TeleFLM(config).init)  # one compile; run eagerly, every operation compiled on its own
+    return nn.meta.unbox(init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
 
 
 def make_evaluator(config: TeleFLMConfig, eval_batches: Sequence[dict], ramp=None) -> Callable[[Any, int], float]:
