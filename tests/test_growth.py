@@ -326,6 +326,9 @@ def test_the_counter_generator_draws_independent_standard_normals():
     for a, b in [(z[1:], z[:-1]), (z[:, 1:], z[:, :-1]), *((z, np.asarray(o)) for o in others)]:
         assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
     np.testing.assert_array_equal(np.asarray(draw(seed, (7, 5))), z[:7, :5])
+    # the extreme hashes give finite, opposite values (a 24-bit uniform once rounded to 1.0: an infinite weight)
+    lowest, highest = np.asarray(counter_rng.to_normal(jnp.asarray([0, 2**32 - 1], jnp.uint32)))
+    assert np.isfinite([lowest, highest]).all() and lowest == -highest and 5 < highest < 6
 
 
 def test_bad_growths_are_refused_with_the_fix():

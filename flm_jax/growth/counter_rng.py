@@ -44,11 +44,16 @@ def fold_in(seed: jax.Array, value: int) -> jax.Array:
     return _fmix32(seed ^ _fmix32(jnp.uint32((value + _GOLDEN) & 0xFFFFFFFF)))
 
 
+def to_normal(h: jax.Array) -> jax.Array:
+    """uint32 hashes -> float32 standard normals: the top 23 bits as an odd multiple of 2^-23 in (-1, 1), exact in
+    float32 (so never ±1, where erf_inv is infinite), through the inverse normal CDF (|values| <= 5.3)."""
+    odd = ((h >> 9).astype(jnp.int32) * 2 + (1 - (1 << 23))).astype(jnp.float32)
+    return math.sqrt(2.0) * lax.erf_inv(odd * (1.0 / (1 << 23)))
+
+
 def normal(seed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """float32 standard normals of `shape`: the top 24 bits of each value's hash as a uniform in (0, 1), through
-    the inverse normal CDF (|values| <= 5.4)."""
+    """float32 standard normals of `shape`, each from the hash of the seed and its coordinates."""
     h = jnp.broadcast_to(seed, shape)
     for axis in range(len(shape)):  # a value depends on its coordinates only: a slice of a larger draw is the same
         h = _fmix32(h ^ (lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(_GOLDEN)))
-    uniform = ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
-    return math.sqrt(2.0) * lax.erf_inv(2.0 * uniform - 1.0)
+    return to_normal(h)
