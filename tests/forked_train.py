@@ -78,7 +78,10 @@ class Server:
     def _ask(self, request: dict) -> int:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        return int(self.proc.stdout.readline())
+        reply = self.proc.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"the forked_train server exited ({self.proc.wait()}); its stderr is above")
+        return int(reply)
 
     def start(self, argv: list[str], log) -> Run:
         return Run(self, self._ask({"start": argv, "log": str(log)}), log)
