@@ -84,6 +84,7 @@ __all__ = [
     "VOCAB_SIZE",
     "ValidationSet",
     "bits_per_byte",
+    "first_validation_batches",
     "get_chat_vocabulary",
     "get_vocabulary",
     "load_chat_sentencepiece",
@@ -105,6 +106,5 @@ __all__ = [
     "required_vocab_size",
     "skipped_records",
     "tfds_name",
-    "first_validation_batches",
     "validation_set",
 ]
