@@ -103,7 +103,7 @@ def test_sigkill_at_random_moments_and_sigterm_always_resume_to_the_uninterrupte
     proc = start(server, tmp_path, logs / "sigterm.log")
     wait_for_step(proc, before + 2)
     proc.send_signal(signal.SIGTERM)
-    rest = "".join(proc.lines())
+    rest = "".join(proc.lines(timeout=120))
     assert proc.wait() == 0, rest[-2000:]
     stopped = latest(tmp_path)
     assert f"[{stopped:>6}/{STEPS}] preempted (SIGTERM): saved this step" in rest
