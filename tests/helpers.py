@@ -3,6 +3,7 @@ Test modules import from here, never from each other."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,12 @@ def packed_positions(segments: np.ndarray) -> np.ndarray:
         for t in range(1, len(row)):
             pos[b, t] = pos[b, t - 1] + 1 if row[t] == row[t - 1] else 0
     return pos
+
+
+def xla_flags(device_count: int) -> str:
+    """The suite's XLA flags (tests/conftest.py) with `device_count` fake CPU devices, for a subprocess whose
+    results are compared with this process's: both must compile at the same optimisation level."""
+    return re.sub(r"(--xla_force_host_platform_device_count=)\d+", rf"\g<1>{device_count}", os.environ["XLA_FLAGS"])
 
 
 def run_module(

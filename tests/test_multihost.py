@@ -22,7 +22,7 @@ from flm_jax.optim import OptimizerConfig
 from flm_jax.training.checkpoint_reader import read_train_state
 from flm_jax.training.config import TrainConfig
 from tests import multihost_tools
-from tests.helpers import FSDP8, MODEL, assert_trees_equal, run_train
+from tests.helpers import FSDP8, MODEL, assert_trees_equal, run_train, xla_flags
 
 
 def free_port():
@@ -33,7 +33,7 @@ def free_port():
 
 def run_two_processes(*argv: str) -> list[tuple[str, str]]:
     """Run `python argv... --process_id=I` as processes 0 and 1 (4 CPU devices each); their (stdout, stderr)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
     procs = [
         subprocess.Popen(
             [sys.executable, *argv, f"--process_id={i}"],
