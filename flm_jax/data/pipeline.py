@@ -61,13 +61,15 @@ def packed_dataset(
     checked first: a malformed record raises chat.ChatFormatError, or is counted and logged when skipped."""
     provider = seqio.get_mixture_or_task(name)
     is_chat = chat.is_chat_provider(provider)
+    # apply_length_check=False: get_dataset trims every feature to its length and packing pads rows to it, so the
+    # converter's length assertions can never fire; without them a pipeline builds ~0.1-0.2 s sooner, rows identical.
     if is_chat:
         chat.check_provider(name, split, seq_len)
         lengths = chat.feature_lengths(seq_len)
-        converter = chat.ChatFeatureConverter(pack=True, bos_id=BOS_ID)
+        converter = chat.ChatFeatureConverter(pack=True, bos_id=BOS_ID, apply_length_check=False)
     else:
         lengths = {"targets": seq_len}
-        converter = seqio.LMFeatureConverter(pack=True, bos_id=BOS_ID)
+        converter = seqio.LMFeatureConverter(pack=True, bos_id=BOS_ID, apply_length_check=False)
     shard_info = seqio.ShardInfo(index=shard_index, num_shards=num_shards) if num_shards > 1 else None
     # try_in_mem_cache=False: seqio would otherwise cache a small source after its first (shuffled) epoch.
     with autograph_off():
