@@ -32,16 +32,18 @@ import gin  # noqa: E402
 
 # Modules by their time in a 2-worker run (docs/performance.md), slowest first; the rest follow in file order.
 SLOWEST_FIRST = (
+    "test_train",
     "test_benchmarks",
     "test_growth",
-    "test_train",
     "test_preemption",
-    "test_growth_harness",
     "test_multihost",
+    "test_growth_harness",
     "test_tpu_compile",
+    "test_data",
     "test_export",
-    "test_remote_paths",
     "test_finetune",
+    "test_remote_paths",
+    "test_notebook",
 )
 
 
