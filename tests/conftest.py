@@ -17,7 +17,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     # The tests' models are tiny, so XLA's compiles are much of their CPU time, and LLVM at -O0 compiles faster
     # (docs/performance.md). Its float results can differ from -O2's in the last bits, so a subprocess whose
-    # results a test compares with its own keeps these flags (tests.helpers.xla_flags).
+    # results a test compares bitwise with its own keeps these flags (tests.helpers.xla_flags).
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -134,7 +134,7 @@ def packed_positions(segments: np.ndarray) -> np.ndarray:
 
 def xla_flags(device_count: int) -> str:
     """The suite's XLA flags (tests/conftest.py) with `device_count` fake CPU devices, for a subprocess whose
-    results are compared with this process's: both must compile at the same optimisation level."""
+    results are compared bitwise with this process's: both must compile at the same optimisation level."""
     return re.sub(r"(--xla_force_host_platform_device_count=)\d+", rf"\g<1>{device_count}", os.environ["XLA_FLAGS"])
 
 
